@@ -1,0 +1,1 @@
+"""Device profiles shipped with edgepack (YAML data; see packager.profiles)."""

@@ -1,0 +1,132 @@
+"""``edge-runtime``: verify and run a bundle on the device (no network needed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from .cli_support import run_cli
+from .errors import EdgeRuntimeError
+
+PUBKEY_HELP = "Ed25519 public key (PEM). Optional when $EDGEPACK_TRUSTED_KEYS names trusted keys."
+
+
+def _open(bundle: Path, pubkey: Path | None, threads: int | None = None):
+    from .runtime import Runtime
+
+    return Runtime.open(bundle, pubkey, threads=threads)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True, help="Log warnings and progress to stderr.")
+def cli(verbose: bool) -> None:
+    """Verify edgepack bundles and run them offline.
+
+    Add --debug to any command to see a traceback on error.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npz with one array per model input.",
+)
+@click.option(
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npz to write the outputs to.",
+)
+@click.option("--threads", type=int, help="Override the profile's thread count.")
+def run(
+    bundle: Path, pubkey: Path | None, input_path: Path, output_path: Path, threads: int | None
+) -> None:
+    """Run BUNDLE on the arrays in --input and write --output."""
+    import numpy as np
+
+    from .errors import InputSignatureError
+
+    try:
+        with np.load(input_path, allow_pickle=False) as data:
+            inputs = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise InputSignatureError(f"input file {input_path} does not exist") from None
+    except ValueError as exc:
+        raise InputSignatureError(f"{input_path}: pickled arrays are refused ({exc})") from None
+    with _open(bundle, pubkey, threads) as runtime:
+        outputs = runtime.run(inputs)
+    np.savez(output_path, **outputs)
+    shapes = ", ".join(f"{name}{list(value.shape)}" for name, value in outputs.items())
+    click.echo(f"wrote {output_path}: {shapes}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def selftest(bundle: Path, pubkey: Path | None, as_json: bool) -> None:
+    """Run BUNDLE's self-test vectors; exit 0 when they match the fp32 reference."""
+    from dataclasses import asdict
+
+    with _open(bundle, pubkey) as runtime:
+        report = runtime.selftest()
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+    else:
+        verdict = click.style(
+            "PASS" if report.passed else "FAIL", fg="green" if report.passed else "red"
+        )
+        click.echo(
+            f"self-test {verdict}: {report.vectors} vectors, max abs error "
+            f"{report.max_abs_error:.3g} (allowed {report.atol:.3g}), min cosine "
+            f"{report.min_cosine:.6f} (needs {report.required_cosine:.6f})"
+        )
+        for failure in report.failures:
+            click.echo(f"  {failure}")
+    raise SystemExit(0 if report.passed else 1)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
+@click.option("--load", is_flag=True, help="Also load the model and show the providers in use.")
+def info(bundle: Path, pubkey: Path | None, load: bool) -> None:
+    """Show what BUNDLE holds, after verifying its signature and hashes."""
+    from .bundle import verify_bundle
+
+    if load:
+        with _open(bundle, pubkey) as runtime:
+            facts = runtime.info()
+        click.echo(json.dumps(facts, indent=2))
+        return
+    verified = verify_bundle(bundle, pubkey)
+    manifest = verified.manifest
+    lines = [
+        f"bundle     {manifest.name} {manifest.version} ({manifest.bundle_id})",
+        f"signed by  {verified.key_id}",
+        f"target     {manifest.target.profile} ({manifest.target.arch}, "
+        f"accelerator {manifest.target.accelerator})",
+        f"backend    {manifest.backend.name}: {', '.join(manifest.backend.providers)}",
+        f"model      {manifest.model.recipe} ({manifest.model.precision})",
+        f"inputs     {manifest.signature_text(manifest.inputs)}",
+        f"outputs    {manifest.signature_text(manifest.outputs)}",
+    ]
+    click.echo("\n".join(lines))
+
+
+def main() -> None:
+    run_cli(cli, (EdgeRuntimeError,))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Errors the device runtime raises; the CLI renders them once, at its boundary."""
+
+
+class EdgeRuntimeError(Exception):
+    """Base class for everything the runtime raises on purpose."""
+
+
+class BundleError(EdgeRuntimeError):
+    """A bundle is unreadable, tampered with, or unsafe to extract."""
+
+
+class SignatureError(BundleError):
+    """The manifest signature does not verify with the given or trusted key."""
+
+
+class TrustError(EdgeRuntimeError):
+    """No public key was given and none is configured as trusted."""
+
+
+class InputSignatureError(EdgeRuntimeError):
+    """Inputs to ``run`` do not match the model signature in the manifest."""
+
+
+class BackendError(EdgeRuntimeError):
+    """The inference engine for the bundle is missing or failed to load."""
+
+
+class SelfTestError(EdgeRuntimeError):
+    """The bundle's self-test vectors did not reproduce on this device."""

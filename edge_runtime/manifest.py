@@ -1,0 +1,167 @@
+"""The bundle manifest: one typed model, shared by the packager (writer) and the runtime.
+
+Unknown keys are rejected everywhere, so a manifest from a newer, incompatible edgepack
+fails loudly instead of being half understood. ``schema_version`` gates compatibility.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024  # refuse to parse anything bigger: a manifest is small
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileRole(str, Enum):
+    MODEL = "model"
+    SELFTEST = "selftest"
+    EXTRA = "extra"
+
+
+class FileEntry(StrictModel):
+    path: str = Field(description="POSIX path of the member inside the archive")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    role: FileRole
+
+
+class TensorSpec(StrictModel):
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. float32, int64")
+    shape: list[int | str] = Field(description="fixed sizes, or a name for a free dimension")
+
+    def describe(self) -> str:
+        dims = ", ".join(str(dim) for dim in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+class Target(StrictModel):
+    profile: str
+    arch: str
+    accelerator: str
+    platform_tag: str
+
+
+class BackendSpec(StrictModel):
+    name: Literal["onnx", "tflite", "llamacpp"]
+    providers: list[str] = Field(default_factory=list)
+    intra_op_threads: int = Field(ge=0)
+    enable_cpu_mem_arena: bool = False
+
+
+class ModelSpec(StrictModel):
+    path: str
+    format: Literal["onnx", "tflite", "gguf"]
+    opset: int | None = None
+    precision: str
+    recipe: str
+
+
+class Attempt(StrictModel):
+    recipe: str
+    status: Literal["passed", "failed", "skipped", "error"]
+    reason: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    size_bytes: int | None = None
+
+
+class QuantizationRecord(StrictModel):
+    chosen: str
+    gate_metric: str
+    max_degradation: float
+    eval_samples: int
+    attempts: list[Attempt]
+
+
+class Measurements(StrictModel):
+    host: str
+    runs: int
+    latency_ms_p50: float
+    latency_ms_p95: float
+    peak_memory_mb: float
+    load_seconds: float
+
+
+class MemoryFit(StrictModel):
+    budget_mb: float
+    required_mb: float
+    basis: Literal["measured", "estimated"]
+
+
+class SelfTestSpec(StrictModel):
+    path: str
+    count: int = Field(ge=1)
+    atol: float = Field(gt=0, description="max abs difference to the fp32 reference")
+    min_cosine: float = Field(description="min cosine similarity to the fp32 reference")
+
+
+class Manifest(StrictModel):
+    schema_version: int
+    bundle_id: str
+    name: str
+    version: str
+    created: str
+    target: Target
+    backend: BackendSpec
+    model: ModelSpec
+    files: list[FileEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    quantization: QuantizationRecord
+    memory: MemoryFit
+    measurements: Measurements | None = None
+    selftest: SelfTestSpec
+    tools: dict[str, str]
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise BundleError(f"manifest lists no file {path!r}")
+
+    def signature_text(self, items: list[TensorSpec]) -> str:
+        return ", ".join(spec.describe() for spec in items)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON: sorted keys, fixed separators, so signing is reproducible."""
+        return canonical_json(self.model_dump(mode="json"))
+
+
+def canonical_json(data: Any) -> bytes:
+    return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """Parse and validate manifest bytes.
+
+    Raises:
+        BundleError: when the bytes are not a valid manifest of a supported schema version.
+    """
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"manifest is {len(raw)} bytes; the limit is {MAX_MANIFEST_BYTES}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest is not valid JSON: {exc}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest schema_version {version!r} is not supported by this runtime "
+            f"(supports {SCHEMA_VERSION}); install a matching edgepack version"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(f"manifest is invalid: {exc}") from None

@@ -1,0 +1,171 @@
+"""``Runtime``: the one facade an application on the device calls."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, BackendOptions, create_backend
+from .bundle import VerifiedBundle, extract_bundle, verify_bundle
+from .errors import InputSignatureError
+from .manifest import Manifest, TensorSpec
+from .selftest import SelfTestReport, run_selftest
+
+
+class Runtime:
+    """A verified, loaded bundle, ready to run inference offline.
+
+    Use ``Runtime.open`` rather than the constructor. A Runtime is a context manager;
+    closing it releases the engine and removes a temporary extraction folder.
+    """
+
+    def __init__(
+        self, verified: VerifiedBundle, model_dir: Path, backend: Backend, owns_dir: bool
+    ) -> None:
+        self._verified = verified
+        self.model_dir = model_dir
+        self._backend = backend
+        self._owns_dir = owns_dir
+
+    @classmethod
+    def open(
+        cls,
+        bundle: str | Path,
+        pubkey: str | Path | None = None,
+        *,
+        extract_dir: str | Path | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> Runtime:
+        """Verify a bundle, extract it and load its model.
+
+        Args:
+            bundle: path of the ``.edgepkg`` file.
+            pubkey: PEM Ed25519 public key. None uses ``$EDGEPACK_TRUSTED_KEYS``.
+            extract_dir: an empty folder to extract into; None uses a temporary folder
+                that is removed on ``close``.
+            providers: ONNX Runtime providers to use instead of the manifest's list.
+            threads: intra-op thread count instead of the manifest's.
+
+        Returns:
+            The loaded runtime.
+
+        Raises:
+            BundleError: the bundle is tampered with, malformed or unsafe.
+            SignatureError: the signature does not verify with the key.
+            TrustError: no key given and none trusted.
+            BackendError: the engine for the bundle is missing or cannot load it.
+        """
+        verified = verify_bundle(Path(bundle), Path(pubkey) if pubkey else None)
+        owns_dir = extract_dir is None
+        target = Path(tempfile.mkdtemp(prefix="edgepack-")) if owns_dir else Path(extract_dir)
+        try:
+            model_dir = extract_bundle(verified, target)
+            backend = create_backend(verified.manifest.backend.name)
+            backend.load(model_dir, verified.manifest, BackendOptions(providers, threads))
+        except BaseException:
+            if owns_dir:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        return cls(verified, model_dir, backend, owns_dir)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The verified manifest of the loaded bundle."""
+        return self._verified.manifest
+
+    @property
+    def signed_by(self) -> str:
+        """Key id (sha256 prefix) of the key that signed the bundle."""
+        return self._verified.key_id
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference.
+
+        Args:
+            inputs: one numpy array per model input, by name, matching the manifest's
+                dtypes and shapes (named dimensions may take any size, consistently).
+
+        Returns:
+            Output arrays by name.
+
+        Raises:
+            InputSignatureError: a missing or extra name, or a wrong dtype, rank or shape;
+                the message names the expected signature.
+        """
+        check_inputs(self.manifest.inputs, inputs)
+        return self._backend.run(dict(inputs))
+
+    def selftest(self) -> SelfTestReport:
+        """Run the bundle's self-test vectors against their fp32 reference outputs."""
+        return run_selftest(self, self.model_dir, self.manifest)
+
+    def info(self) -> dict[str, Any]:
+        """Manifest summary plus what the engine actually uses on this device."""
+        manifest = self.manifest
+        return {
+            "name": manifest.name,
+            "version": manifest.version,
+            "bundle_id": manifest.bundle_id,
+            "profile": manifest.target.profile,
+            "backend": manifest.backend.name,
+            "recipe": manifest.model.recipe,
+            "signed_by": self.signed_by,
+            **self._backend.info(),
+        }
+
+    def close(self) -> None:
+        """Release the engine and remove the temporary extraction folder, if any."""
+        self._backend.close()
+        if self._owns_dir:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_inputs(specs: list[TensorSpec], inputs: Mapping[str, Any]) -> None:
+    """Raise InputSignatureError unless ``inputs`` match ``specs`` exactly."""
+    expected = "expected " + ", ".join(spec.describe() for spec in specs)
+    if not isinstance(inputs, Mapping):
+        raise InputSignatureError(f"inputs must be a dict of name -> numpy array; {expected}")
+    names = {spec.name for spec in specs}
+    missing, extra = sorted(names - set(inputs)), sorted(set(inputs) - names)
+    if missing or extra:
+        raise InputSignatureError(f"missing inputs {missing}, unknown inputs {extra}; {expected}")
+    free_dims: dict[str, int] = {}
+    for spec in specs:
+        value = inputs[spec.name]
+        if not isinstance(value, np.ndarray):
+            raise InputSignatureError(
+                f"input {spec.name!r} is a {type(value).__name__}, not a numpy array; {expected}"
+            )
+        if value.dtype != np.dtype(spec.dtype):
+            raise InputSignatureError(
+                f"input {spec.name!r} has dtype {value.dtype}, needs {spec.dtype}; {expected}"
+            )
+        if value.ndim != len(spec.shape):
+            raise InputSignatureError(
+                f"input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), "
+                f"needs rank {len(spec.shape)}; {expected}"
+            )
+        for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise InputSignatureError(
+                        f"input {spec.name!r} has size {size} on axis {axis}, needs {dim}; "
+                        f"{expected}"
+                    )
+            elif free_dims.setdefault(dim, size) != size:
+                raise InputSignatureError(
+                    f"input {spec.name!r} has {dim}={size} but another input has "
+                    f"{dim}={free_dims[dim]}; {expected}"
+                )

@@ -1,0 +1,77 @@
+"""Self-test vectors: compare what this device computes with the fp32 reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Manifest
+
+INPUT_PREFIX = "input."
+REFERENCE_PREFIX = "reference."
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    """Outcome of running every self-test vector."""
+
+    passed: bool
+    vectors: int
+    max_abs_error: float
+    min_cosine: float
+    atol: float
+    required_cosine: float
+    failures: list[str] = field(default_factory=list)
+
+
+def cosine_rows(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Cosine similarity per sample (first axis), flattening the rest."""
+    a = actual.reshape(len(actual), -1).astype(np.float64)
+    b = expected.reshape(len(expected), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = (a * b).sum(axis=1)
+    # Two all-zero rows are identical, not undefined.
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 1.0)
+
+
+def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as data:
+        inputs = {k[len(INPUT_PREFIX) :]: data[k] for k in data.files if k.startswith(INPUT_PREFIX)}
+        refs = {
+            k[len(REFERENCE_PREFIX) :]: data[k]
+            for k in data.files
+            if k.startswith(REFERENCE_PREFIX)
+        }
+    return inputs, refs
+
+
+def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport:
+    """Run every vector one sample at a time and compare with the stored fp32 reference."""
+    spec = manifest.selftest
+    inputs, references = load_vectors(model_dir / spec.path)
+    failures: list[str] = []
+    worst_abs, worst_cos = 0.0, 1.0
+    for index in range(spec.count):
+        outputs = runtime.run({name: value[index : index + 1] for name, value in inputs.items()})
+        for name, reference in references.items():
+            actual = outputs[name].astype(np.float64)
+            expected = reference[index : index + 1].astype(np.float64)
+            abs_error = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+            cosine = float(cosine_rows(actual, expected).min())
+            worst_abs, worst_cos = max(worst_abs, abs_error), min(worst_cos, cosine)
+            if abs_error > spec.atol or cosine < spec.min_cosine:
+                failures.append(
+                    f"vector {index} output {name}: max abs error {abs_error:.3g} "
+                    f"(allowed {spec.atol:.3g}), cosine {cosine:.6f} (needs {spec.min_cosine:.6f})"
+                )
+    return SelfTestReport(
+        passed=not failures,
+        vectors=spec.count,
+        max_abs_error=worst_abs,
+        min_cosine=worst_cos,
+        atol=spec.atol,
+        required_cosine=spec.min_cosine,
+        failures=failures,
+    )

@@ -1,0 +1,270 @@
+"""``build_bundle``: the pipeline behind ``edgepack build``.
+
+Validate -> optimize -> for each recipe in the chain: quantize, evaluate, gate ->
+measure -> check the memory fit -> package. Every recipe tried is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_runtime.manifest import Attempt, Manifest, Measurements, MemoryFit, QuantizationRecord
+
+from .data import load_npz
+from .errors import FitError, GateError, ModelValidationError, PackagerError
+from .keys import load_private_key
+from .passes import (
+    Evaluate,
+    Measure,
+    ModelArtifact,
+    OnnxGraphOptimize,
+    OnnxValidate,
+    Package,
+    PassContext,
+    get_pass,
+)
+from .passes.base import PassFailedError
+from .passes.evaluate import SOURCE_KEY
+from .passes.package import REQUEST_KEY, PackageRequest
+from .profiles import DeviceProfile
+from .recipes import resolve_chain
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin"}
+# Without a measurement the fit check uses this estimate: ONNX Runtime holds the weights
+# once plus pre-packed copies of some of them, and a little for activations and the engine.
+ESTIMATE_WEIGHT_FACTOR = 1.5
+ESTIMATE_OVERHEAD_MB = 16.0
+
+
+class BuildConfig(BaseModel):
+    """What ``edgepack build`` was asked to do."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: Path = Field(description="source model file (.onnx)")
+    profile: DeviceProfile
+    key: Path = Field(description="Ed25519 private key (PEM) that signs the bundle")
+    output: Path = Field(description="the .edgepkg to write")
+    calibration: Path | None = Field(None, description="calibration .npz (static int8)")
+    eval: Path = Field(description="held-out evaluation .npz")
+    max_degradation: float = Field(0.01, ge=0, le=1, description="accuracy gate threshold")
+    recipe: str | None = Field(None, description="force one recipe instead of the chain")
+    measure: bool = Field(True, description="measure latency and memory on this host")
+    task: Literal["auto", "classification", "embedding", "generic"] = "auto"
+    name: str | None = None
+    version: str = "0.1.0"
+    workdir: Path | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle: Path
+    manifest: Manifest
+    seconds: float
+
+
+def _created_epoch(model: Path) -> int:
+    """SOURCE_DATE_EPOCH when set (reproducible builds), else the model file's mtime."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value:
+        try:
+            return int(value)
+        except ValueError:
+            raise PackagerError(f"SOURCE_DATE_EPOCH={value!r} is not an integer") from None
+    return int(model.stat().st_mtime)
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def detect_format(model: Path) -> str:
+    suffix = model.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelValidationError(
+            f"{model.name}: pickle-based model formats are refused (loading them can run "
+            "arbitrary code); export to ONNX first, e.g. with torch.onnx.export"
+        )
+    if suffix != ".onnx":
+        raise ModelValidationError(
+            f"{model.name}: unsupported model format {suffix!r}; give an .onnx file"
+        )
+    if not model.is_file():
+        raise ModelValidationError(f"model file {model} does not exist")
+    return "onnx"
+
+
+def build_bundle(
+    config: BuildConfig, progress: Callable[[str], None] = lambda m: None
+) -> BuildResult:
+    """Build, gate, measure and sign one bundle. See the module docstring for the steps.
+
+    Raises:
+        PackagerError (or a subclass): anything the user can fix; the message says how.
+    """
+    import time
+
+    started = time.perf_counter()
+    model_format = detect_format(config.model)
+    profile = config.profile
+    chain = resolve_chain(profile, config.recipe, model_format)  # refuse before any work
+    load_private_key(config.key)  # a bad key should fail now, not after minutes of work
+
+    own_workdir = config.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="edgepack-build-")) if own_workdir else config.workdir
+    try:
+        ctx = PassContext(workdir=workdir, profile=profile, progress=progress)
+        source = ModelArtifact(config.model, model_format)
+
+        progress("validate: onnx checker, opset, external data")
+        validated, _ = OnnxValidate().run(source, ctx)
+        inputs, outputs = validated.metrics["inputs"], validated.metrics["outputs"]
+        input_names = [spec.name for spec in inputs]
+        ctx.evaluation, ctx.labels = load_npz(config.eval, input_names, "eval")
+        if config.calibration is not None:
+            ctx.calibration, _ = load_npz(config.calibration, input_names, "calibration")
+        ctx.task = _resolve_task(config.task, ctx.labels)
+        ctx.cache[SOURCE_KEY] = config.model
+
+        progress(f"optimize: ONNX Runtime graph optimization ({profile.onnx.graph_optimization})")
+        optimized, _ = OnnxGraphOptimize({"level": profile.onnx.graph_optimization}).run(
+            source, ctx
+        )
+
+        attempts, chosen, chosen_metrics = _try_chain(
+            config, ctx, chain, optimized.artifact, progress
+        )
+
+        measurements = None
+        if config.measure:
+            progress("measure: latency p50/p95, peak memory on this host")
+            measured, _ = Measure().run(chosen, ctx)
+            measurements = Measurements(**measured.metrics)
+        memory = check_fit(profile, chosen.path.stat().st_size, measurements)
+
+        progress("package: manifest, self-test vectors, signature")
+        quantization = QuantizationRecord(
+            chosen=chosen_metrics["recipe"],
+            gate_metric="1 - top1_agreement" if ctx.task == "classification" else "1 - cosine_mean",
+            max_degradation=config.max_degradation,
+            eval_samples=len(next(iter(ctx.evaluation.values()))),
+            attempts=attempts,
+        )
+        ctx.cache[REQUEST_KEY] = PackageRequest(
+            output=config.output,
+            key=config.key,
+            name=config.name or config.model.stem,
+            version=config.version,
+            created_epoch=_created_epoch(config.model),
+            inputs=inputs,
+            outputs=outputs,
+            opset=validated.metrics["opset"],
+            recipe=chosen_metrics["recipe"],
+            chosen_metrics=chosen_metrics["metrics"],
+            quantization=quantization,
+            memory=memory,
+            measurements=measurements,
+            tools=tool_versions(),
+        )
+        packaged, _ = Package().run(chosen, ctx)
+        return BuildResult(
+            config.output, packaged.metrics["manifest"], time.perf_counter() - started
+        )
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _resolve_task(task: str, labels) -> str:
+    if task == "auto":
+        return "classification" if labels is not None else "generic"
+    return task
+
+
+def _try_chain(config, ctx, chain, optimized: ModelArtifact, progress):
+    """Try each recipe in order; return the attempts, the first passing model and its figures."""
+    attempts: list[Attempt] = []
+    for recipe in chain:
+        if recipe.needs_calibration and ctx.calibration is None:
+            attempts.append(
+                Attempt(recipe=recipe.name, status="skipped", reason="needs --calibration FILE.npz")
+            )
+            progress(f"{recipe.name}: skipped (no calibration data)")
+            continue
+        progress(f"{recipe.name}: {recipe.description}")
+        candidate = optimized
+        try:
+            for pass_name, pass_config in recipe.passes:
+                output, _ = get_pass(pass_name)(pass_config).run(candidate, ctx)
+                candidate = output.artifact
+            progress(
+                f"{recipe.name}: evaluating on {len(next(iter(ctx.evaluation.values())))} samples"
+            )
+            evaluated, _ = Evaluate({"max_degradation": config.max_degradation}).run(candidate, ctx)
+        except PassFailedError as exc:
+            attempts.append(Attempt(recipe=recipe.name, status="error", reason=str(exc)[:500]))
+            progress(f"{recipe.name}: error: {exc}")
+            continue
+        metrics = dict(evaluated.metrics)
+        passed = bool(metrics.pop("passed"))
+        attempts.append(
+            Attempt(
+                recipe=recipe.name,
+                status="passed" if passed else "failed",
+                reason=None
+                if passed
+                else (f"degradation {metrics['degradation']:.4g} > {config.max_degradation:.4g}"),
+                metrics=metrics,
+                size_bytes=candidate.path.stat().st_size,
+            )
+        )
+        progress(f"{recipe.name}: {'passed' if passed else 'failed'} the gate")
+        if passed:
+            return attempts, candidate, {"recipe": recipe.name, "metrics": metrics}
+    raise GateError(
+        f"no recipe met --max-degradation {config.max_degradation}: "
+        + "; ".join(f"{a.recipe}: {a.status} ({a.reason})" for a in attempts)
+        + ". Raise the threshold, add fp32 to the profile's recipes, or check the eval data.",
+        attempts,
+    )
+
+
+def check_fit(
+    profile: DeviceProfile, model_bytes: int, measurements: Measurements | None
+) -> MemoryFit:
+    """Compare the model's memory need with the profile's budget.
+
+    Raises:
+        FitError: the model needs more than the profile allows.
+    """
+    size_mb = model_bytes / 2**20
+    if measurements is not None:
+        required, basis = max(measurements.peak_memory_mb, size_mb), "measured"
+    else:
+        required, basis = size_mb * ESTIMATE_WEIGHT_FACTOR + ESTIMATE_OVERHEAD_MB, "estimated"
+    fit = MemoryFit(
+        budget_mb=float(profile.model_memory_budget_mb), required_mb=round(required, 1), basis=basis
+    )
+    if fit.required_mb > fit.budget_mb:
+        raise FitError(
+            f"the model needs about {fit.required_mb:.1f} MB ({basis}) but profile "
+            f"{profile.name!r} allows {fit.budget_mb:.0f} MB for the model; pick a larger "
+            "device profile, a more compressed recipe, or a smaller model"
+        )
+    return fit

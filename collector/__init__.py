@@ -1,0 +1,1 @@
+"""collector: fleet telemetry ingest (MQTT -> SQLite/PostgreSQL). Not built yet; see issue 3."""

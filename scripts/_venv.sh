@@ -1,0 +1,26 @@
+# Sourced by demo.sh and test.sh: create or update .venv at the repository root.
+# Usage: ensure_venv EXTRAS   (e.g. ensure_venv dev)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+
+ensure_venv() {
+    local extras="$1"
+    local python="${PYTHON:-python3}"
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "==> creating $VENV"
+        "$python" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    fi
+    # Reinstall only when pyproject.toml changed since the last install.
+    local stamp="$VENV/.edgepack-$extras.stamp"
+    local want
+    want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "==> installing edgepack[$extras] into $VENV (first time: a few minutes)"
+        # torch is pinned to the local CPU build in the examples extra; pip would otherwise
+        # pull several GB of CUDA wheels.
+        "$VENV/bin/python" -m pip install --quiet -e "$REPO[$extras]"
+        echo "$want" > "$stamp"
+    fi
+}

@@ -14,10 +14,11 @@ from edge_runtime.errors import EdgeRuntimeError
 from .errors import PackagerError
 
 
-def _console():
+def _console(stderr: bool = True):
+    """Progress goes to stderr; results a user reads or pipes go to stdout."""
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
     if not console.is_terminal:  # logs and CI: do not squeeze tables into 80 columns
         console.width = 160
     return console
@@ -196,7 +197,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
     if as_json:
         click.echo(manifest.to_bytes().decode(), nl=False)
     else:
-        _console().print(summary(manifest), soft_wrap=True)
+        _console(stderr=False).print(summary(manifest), soft_wrap=True)
 
 
 @cli.command()
@@ -260,7 +261,7 @@ def profiles_list() -> None:
             p.accelerator.value,
             " > ".join(p.onnx.recipes),
         )
-    _console().print(table)
+    _console(stderr=False).print(table)
 
 
 @profiles.command("show")

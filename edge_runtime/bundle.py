@@ -58,7 +58,11 @@ def _open_archive(path: Path) -> tarfile.TarFile:
 def _screen_members(archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
     """Index the members, refusing anything but uniquely named regular files at safe paths."""
     members: dict[str, tarfile.TarInfo] = {}
-    for info in archive.getmembers():
+    try:
+        infos = archive.getmembers()
+    except tarfile.TarError as exc:  # e.g. a truncated archive
+        raise BundleError(f"{archive.name} is not a readable .edgepkg archive: {exc}") from None
+    for info in infos:
         name = _safe_member_name(info.name)
         if not info.isreg():
             kind = "symlink" if info.issym() else "hard link" if info.islnk() else "non-file"
@@ -138,6 +142,15 @@ def _hash_stream(handle) -> str:
     return digest.hexdigest()
 
 
+def _create_new(destination: Path) -> int:
+    # O_EXCL + O_NOFOLLOW: never follow or overwrite something already there.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(destination, flags, 0o644)
+    except FileExistsError:
+        raise BundleError(f"{destination} already exists; extract into an empty folder") from None
+
+
 def extract_bundle(verified: VerifiedBundle, target: Path) -> Path:
     """Write the manifest's files from a verified bundle into ``target`` (created if needed).
 
@@ -155,19 +168,14 @@ def extract_bundle(verified: VerifiedBundle, target: Path) -> Path:
                 destination = (root / entry.path).resolve()
                 if root not in destination.parents:
                     raise BundleError(f"{entry.path!r} would land outside {root}")
+                if entry.path not in members:
+                    raise BundleError(f"{entry.path!r} changed while extracting; bundle refused")
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 handle = archive.extractfile(members[entry.path])
                 assert handle is not None
                 digest = hashlib.sha256()
                 size = 0
-                # O_EXCL + O_NOFOLLOW: never follow or overwrite something already there.
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                try:
-                    fd = os.open(destination, flags, 0o644)
-                except FileExistsError:
-                    raise BundleError(
-                        f"{destination} already exists; extract into an empty folder"
-                    ) from None
+                fd = _create_new(destination)
                 written.append(destination)
                 with os.fdopen(fd, "wb") as out:
                     while chunk := handle.read(_CHUNK):
@@ -176,7 +184,10 @@ def extract_bundle(verified: VerifiedBundle, target: Path) -> Path:
                         out.write(chunk)
                 if digest.hexdigest() != entry.sha256 or size != entry.size:
                     raise BundleError(f"{entry.path!r} changed while extracting; bundle refused")
-            (root / MANIFEST_NAME).write_bytes(verified.manifest_bytes)
+            fd = _create_new(root / MANIFEST_NAME)
+            written.append(root / MANIFEST_NAME)
+            with os.fdopen(fd, "wb") as out:
+                out.write(verified.manifest_bytes)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

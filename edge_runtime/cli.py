@@ -57,12 +57,23 @@ def run(
     from .errors import InputSignatureError
 
     try:
-        with np.load(input_path, allow_pickle=False) as data:
-            inputs = {key: data[key] for key in data.files}
+        loaded = np.load(input_path, allow_pickle=False)
     except FileNotFoundError:
         raise InputSignatureError(f"input file {input_path} does not exist") from None
-    except ValueError as exc:
-        raise InputSignatureError(f"{input_path}: pickled arrays are refused ({exc})") from None
+    except (ValueError, OSError) as exc:
+        raise InputSignatureError(
+            f"{input_path} is not a readable .npz of plain arrays (pickled data is refused): {exc}"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputSignatureError(
+            f"{input_path} holds a single array; --input needs an .npz with one array per "
+            "model input name (np.savez(path, input_name=array, ...))"
+        )
+    with loaded as data:
+        try:
+            inputs = {key: data[key] for key in data.files}
+        except ValueError as exc:
+            raise InputSignatureError(f"{input_path}: pickled arrays are refused ({exc})") from None
     with _open(bundle, pubkey, threads) as runtime:
         outputs = runtime.run(inputs)
     np.savez(output_path, **outputs)

@@ -14,14 +14,32 @@ from .errors import EdgeRuntimeError
 PUBKEY_HELP = "Ed25519 public key (PEM). Optional when $EDGEPACK_TRUSTED_KEYS names trusted keys."
 
 
-def _open(bundle: Path, pubkey: Path | None, threads: int | None = None):
+def engine_options(command):
+    """--threads and --providers: device-side overrides of what the manifest says."""
+    command = click.option(
+        "--providers",
+        help="Comma-separated execution providers to use instead of the profile's, "
+        "e.g. CUDAExecutionProvider,CPUExecutionProvider.",
+    )(command)
+    return click.option("--threads", type=int, help="Override the profile's thread count.")(command)
+
+
+def _open(
+    bundle: Path, pubkey: Path | None, threads: int | None = None, providers: str | None = None
+):
     from .runtime import Runtime
 
-    return Runtime.open(bundle, pubkey, threads=threads)
+    chosen = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+    return Runtime.open(bundle, pubkey, threads=threads, providers=chosen)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--verbose", "-v", is_flag=True, help="Log warnings and progress to stderr.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also log what the runtime does (verification, providers) to stderr.",
+)
 def cli(verbose: bool) -> None:
     """Verify edgepack bundles and run them offline.
 
@@ -47,9 +65,14 @@ def cli(verbose: bool) -> None:
     type=click.Path(path_type=Path),
     help=".npz to write the outputs to.",
 )
-@click.option("--threads", type=int, help="Override the profile's thread count.")
+@engine_options
 def run(
-    bundle: Path, pubkey: Path | None, input_path: Path, output_path: Path, threads: int | None
+    bundle: Path,
+    pubkey: Path | None,
+    input_path: Path,
+    output_path: Path,
+    threads: int | None,
+    providers: str | None,
 ) -> None:
     """Run BUNDLE on the arrays in --input and write --output."""
     import numpy as np
@@ -74,7 +97,7 @@ def run(
             inputs = {key: data[key] for key in data.files}
         except ValueError as exc:
             raise InputSignatureError(f"{input_path}: pickled arrays are refused ({exc})") from None
-    with _open(bundle, pubkey, threads) as runtime:
+    with _open(bundle, pubkey, threads, providers) as runtime:
         outputs = runtime.run(inputs)
     np.savez(output_path, **outputs)
     shapes = ", ".join(f"{name}{list(value.shape)}" for name, value in outputs.items())
@@ -85,11 +108,14 @@ def run(
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def selftest(bundle: Path, pubkey: Path | None, as_json: bool) -> None:
+@engine_options
+def selftest(
+    bundle: Path, pubkey: Path | None, as_json: bool, threads: int | None, providers: str | None
+) -> None:
     """Run BUNDLE's self-test vectors; exit 0 when they match the fp32 reference."""
     from dataclasses import asdict
 
-    with _open(bundle, pubkey) as runtime:
+    with _open(bundle, pubkey, threads, providers) as runtime:
         report = runtime.selftest()
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
@@ -111,12 +137,15 @@ def selftest(bundle: Path, pubkey: Path | None, as_json: bool) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
 @click.option("--load", is_flag=True, help="Also load the model and show the providers in use.")
-def info(bundle: Path, pubkey: Path | None, load: bool) -> None:
+@engine_options
+def info(
+    bundle: Path, pubkey: Path | None, load: bool, threads: int | None, providers: str | None
+) -> None:
     """Show what BUNDLE holds, after verifying its signature and hashes."""
     from .bundle import verify_bundle
 
     if load:
-        with _open(bundle, pubkey) as runtime:
+        with _open(bundle, pubkey, threads, providers) as runtime:
             facts = runtime.info()
         click.echo(json.dumps(facts, indent=2))
         return

@@ -10,7 +10,7 @@ import json
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BundleError
 
@@ -124,6 +124,14 @@ class Manifest(StrictModel):
     measurements: Measurements | None = None
     selftest: SelfTestSpec
     tools: dict[str, str]
+
+    @model_validator(mode="after")
+    def _paths_are_listed(self) -> Manifest:
+        listed = {entry.path for entry in self.files}
+        for role, path in (("model", self.model.path), ("selftest", self.selftest.path)):
+            if path not in listed:
+                raise ValueError(f"{role} path {path!r} is not among the manifest's files")
+        return self
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from .bundle import VerifiedBundle, extract_bundle, verify_bundle
 from .errors import InputSignatureError
 from .manifest import Manifest, TensorSpec
 from .selftest import SelfTestReport, run_selftest
+
+log = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -62,12 +65,20 @@ class Runtime:
             BackendError: the engine for the bundle is missing or cannot load it.
         """
         verified = verify_bundle(Path(bundle), Path(pubkey) if pubkey else None)
+        manifest = verified.manifest
+        log.info(
+            "verified %s: signed by %s, %d files match their sha256",
+            bundle,
+            verified.key_id,
+            len(manifest.files),
+        )
         owns_dir = extract_dir is None
         target = Path(tempfile.mkdtemp(prefix="edgepack-")) if owns_dir else Path(extract_dir)
         try:
             model_dir = extract_bundle(verified, target)
-            backend = create_backend(verified.manifest.backend.name)
-            backend.load(model_dir, verified.manifest, BackendOptions(providers, threads))
+            backend = create_backend(manifest.backend.name)
+            backend.load(model_dir, manifest, BackendOptions(providers, threads))
+            log.info("loaded %s (%s) with %s", manifest.name, manifest.model.recipe, backend.info())
         except BaseException:
             if owns_dir:
                 shutil.rmtree(target, ignore_errors=True)

@@ -7,12 +7,14 @@ Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public), so standard to
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 from .errors import SignatureError, TrustError
 
 TRUSTED_KEYS_ENV = "EDGEPACK_TRUSTED_KEYS"
+log = logging.getLogger(__name__)
 
 
 def load_public_key(path: Path):
@@ -68,7 +70,14 @@ def verify_manifest_signature(manifest_bytes: bytes, signature: bytes, pubkey: P
             f"{TRUSTED_KEYS_ENV} to a .pub file or a folder of them"
         )
     for path in candidates:
-        key = load_public_key(path)
+        try:
+            key = load_public_key(path)
+        except TrustError as exc:
+            if pubkey:  # the key the caller named must be good
+                raise
+            # One stale entry in the trusted set must not block the others (key rotation).
+            log.warning("skipping trusted key: %s", exc)
+            continue
         try:
             key.verify(signature, manifest_bytes)
         except InvalidSignature:

@@ -271,6 +271,8 @@ def profiles_show(name: str | None, profile_file: Path | None) -> None:
     """Show profile NAME (validated) as JSON."""
     from .profiles import load_profile
 
+    if bool(name) == bool(profile_file):
+        raise click.UsageError("give exactly one of NAME or --profile-file PATH")
     click.echo(json.dumps(load_profile(name, profile_file).model_dump(mode="json"), indent=2))
 
 

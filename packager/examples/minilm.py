@@ -97,6 +97,12 @@ def export_minilm(out_dir: Path) -> ExampleModel:
             opset_version=17,
             dynamo=False,
         )
+    # The exporter names the embedding axis as if it were free; it is the hidden size.
+    import onnx
+
+    exported = onnx.load(str(partial))
+    exported.graph.output[0].type.tensor_type.shape.dim[1].dim_value = bert.config.hidden_size
+    onnx.save(exported, str(partial))
     save_npz_deterministic(result.calibration, calibration)
     save_npz_deterministic(result.eval, held_out)
     partial.replace(result.model)  # last, so a half-finished export is never reused

@@ -76,7 +76,7 @@ def degradation(metrics: dict[str, float]) -> float:
 
 class EvaluateConfig(PassConfig):
     max_degradation: float = Field(
-        0.01, ge=0, le=1, description="largest allowed degradation (see docs/bundle-format.md)"
+        0.01, ge=0, le=1, description="largest allowed degradation (see docs/profiles.md, the gate)"
     )
 
 

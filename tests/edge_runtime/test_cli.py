@@ -203,7 +203,7 @@ def test_run_passes_the_threads_override_on(cnn_bundle, keypair, input_npz, monk
     )
 
     assert result.exit_code == 0, result.output
-    assert calls == [((cnn_bundle, keypair[1]), {"threads": 1})]
+    assert calls == [((cnn_bundle, keypair[1]), {"threads": 1, "providers": None})]
 
 
 @pytest.mark.parametrize(
@@ -384,3 +384,14 @@ def test_run_refuses_input_files_that_are_not_npz(cnn_bundle, keypair, tmp_path,
     assert isinstance(result.exception, InputSignatureError)
     assert phrase in str(result.exception)
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_selftest_takes_provider_and_thread_overrides(cnn_bundle, keypair):
+    result = CliRunner().invoke(
+        cli,
+        ["info", str(cnn_bundle), "--pubkey", str(keypair[1]), "--load"]
+        + ["--providers", "CUDAExecutionProvider,CPUExecutionProvider", "--threads", "1"],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["providers"] == ["CPUExecutionProvider"]

@@ -223,3 +223,13 @@ def test_load_public_key_refuses_what_is_not_an_ed25519_public_key(
 def test_load_public_key_refuses_a_missing_file(tmp_path):
     with pytest.raises(TrustError, match="does not exist"):
         load_public_key(tmp_path / "missing.pub")
+
+
+def test_a_broken_trusted_key_does_not_block_the_others(cnn_bundle, keypair, tmp_path, monkeypatch):
+    broken = tmp_path / "old.pub"
+    broken.write_text("not a key")
+    monkeypatch.setenv("EDGEPACK_TRUSTED_KEYS", os.pathsep.join([str(broken), str(keypair[1])]))
+
+    verified = verify_bundle(cnn_bundle, None)
+
+    assert verified.manifest.name == "digits-cnn"

@@ -148,3 +148,10 @@ def test_keygen_twice(tmp_path, force, code):
     again = edgepack("keygen", "--out", str(tmp_path), *(["--force"] if force else []))
 
     assert again.returncode == code
+
+
+def test_profiles_show_needs_exactly_one_source(tmp_path):
+    neither = CliRunner().invoke(cli, ["profiles", "show"])
+
+    assert neither.exit_code == 2
+    assert "exactly one of NAME or --profile-file" in neither.output

@@ -164,6 +164,51 @@ def info(
     click.echo("\n".join(lines))
 
 
+@cli.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="YAML or JSON file of settings (same names as the flags, with _).",
+)
+@click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
+@click.option("--broker", help="mqtt://host:port or mqtts://host:port.")
+@click.option("--fleet", help="Fleet name.")
+@click.option("--device-id", help="Device id (also the MQTT client id).")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    help="Outbox and boot counter (default $EDGEPACK_HOME/devices/<device-id>).",
+)
+@click.option("--metrics-interval-s", type=float, help="Seconds between metrics reports.")
+@click.option("--demo-load", type=float, help="Generate RATE requests/s from self-test vectors.")
+@click.option("--username", help="MQTT user name.")
+@click.option("--password", help="MQTT password (prefer EDGE_RUNTIME_PASSWORD).")
+@click.option("--tls-ca", type=click.Path(path_type=Path), help="CA certificate (PEM).")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Client certificate (PEM).")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="Client key (PEM).")
+@click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), help="MQTT protocol version.")
+@click.option("--threads", type=int, help="Override the profile's thread count.")
+def agent(config_file: Path | None, **flags) -> None:
+    """Run BUNDLE and report health and metrics to the fleet over MQTT.
+
+    Every option can also come from --config FILE or an EDGE_RUNTIME_<NAME> environment
+    variable (e.g. EDGE_RUNTIME_BROKER); flags win over the environment, which wins over
+    the file.
+    """
+    import threading
+
+    from .agent import ENV_PREFIX, AgentSettings, install_signal_handlers, run_agent
+    from .settings import load_settings
+
+    settings = load_settings(AgentSettings, ENV_PREFIX, config_file, flags)
+    logging.getLogger("edge_runtime").setLevel(logging.INFO)  # an agent narrates its state
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    raise SystemExit(run_agent(settings, stop))
+
+
 def main() -> None:
     run_cli(cli, (EdgeRuntimeError,))
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +21,18 @@ from .selftest import SelfTestReport, run_selftest
 log = logging.getLogger(__name__)
 
 
+class TelemetryHook(Protocol):
+    """What ``Runtime`` reports to; ``edge_runtime.telemetry.client.TelemetryClient`` is one."""
+
+    def record(
+        self, seconds: float, ok: bool = True, tokens: int = 0, error: str | None = None
+    ) -> None: ...
+
+    def bundle_loaded(self, facts: dict[str, Any], signed_by: str) -> None: ...
+
+    def event(self, name: str, level: str = "info", **data: Any) -> int: ...
+
+
 class Runtime:
     """A verified, loaded bundle, ready to run inference offline.
 
@@ -28,12 +41,20 @@ class Runtime:
     """
 
     def __init__(
-        self, verified: VerifiedBundle, model_dir: Path, backend: Backend, owns_dir: bool
+        self,
+        verified: VerifiedBundle,
+        model_dir: Path,
+        backend: Backend,
+        owns_dir: bool,
+        telemetry: TelemetryHook | None = None,
     ) -> None:
         self._verified = verified
         self.model_dir = model_dir
         self._backend = backend
         self._owns_dir = owns_dir
+        self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.bundle_loaded(self.bundle_facts(), verified.key_id)
 
     @classmethod
     def open(
@@ -44,6 +65,7 @@ class Runtime:
         extract_dir: str | Path | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
+        telemetry: TelemetryHook | None = None,
     ) -> Runtime:
         """Verify a bundle, extract it and load its model.
 
@@ -54,6 +76,8 @@ class Runtime:
                 that is removed on ``close``.
             providers: ONNX Runtime providers to use instead of the manifest's list.
             threads: intra-op thread count instead of the manifest's.
+            telemetry: receives every inference's latency and outcome, and the bundle
+                facts (e.g. a started ``TelemetryClient``); None reports nothing.
 
         Returns:
             The loaded runtime.
@@ -83,7 +107,7 @@ class Runtime:
             if owns_dir:
                 shutil.rmtree(target, ignore_errors=True)
             raise
-        return cls(verified, model_dir, backend, owns_dir)
+        return cls(verified, model_dir, backend, owns_dir, telemetry)
 
     @property
     def manifest(self) -> Manifest:
@@ -109,12 +133,45 @@ class Runtime:
             InputSignatureError: a missing or extra name, or a wrong dtype, rank or shape;
                 the message names the expected signature.
         """
-        check_inputs(self.manifest.inputs, inputs)
-        return self._backend.run(dict(inputs))
+        if self._telemetry is None:
+            check_inputs(self.manifest.inputs, inputs)
+            return self._backend.run(dict(inputs))
+        started = time.perf_counter()
+        try:
+            check_inputs(self.manifest.inputs, inputs)
+            outputs = self._backend.run(dict(inputs))
+        except Exception as exc:
+            self._telemetry.record(time.perf_counter() - started, False, error=f"{exc}"[:500])
+            raise
+        self._telemetry.record(time.perf_counter() - started)
+        return outputs
 
     def selftest(self) -> SelfTestReport:
         """Run the bundle's self-test vectors against their fp32 reference outputs."""
-        return run_selftest(self, self.model_dir, self.manifest)
+        report = run_selftest(self, self.model_dir, self.manifest)
+        if self._telemetry is not None:
+            self._telemetry.event(
+                "selftest",
+                "info" if report.passed else "error",
+                passed=report.passed,
+                vectors=report.vectors,
+                max_abs_error=report.max_abs_error,
+                min_cosine=report.min_cosine,
+                failures=report.failures[:5],
+            )
+        return report
+
+    def bundle_facts(self) -> dict[str, str]:
+        """The bundle's identity, as telemetry reports it in ``birth``."""
+        manifest = self.manifest
+        return {
+            "id": manifest.bundle_id,
+            "name": manifest.name,
+            "version": manifest.version,
+            "profile": manifest.target.profile,
+            "backend": manifest.backend.name,
+            "recipe": manifest.model.recipe,
+        }
 
     def info(self) -> dict[str, Any]:
         """Manifest summary plus what the engine actually uses on this device."""

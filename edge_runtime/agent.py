@@ -1,0 +1,95 @@
+"""``edge-runtime agent``: load a bundle, self-test it, and report to the fleet over MQTT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from .errors import EdgeRuntimeError
+from .telemetry.client import TelemetryClient, TelemetrySettings
+
+log = logging.getLogger(__name__)
+ENV_PREFIX = "EDGE_RUNTIME_"
+
+
+class AgentSettings(TelemetrySettings):
+    """Everything ``edge-runtime agent`` needs: flags, EDGE_RUNTIME_* variables or --config."""
+
+    bundle: Path = Field(description="the .edgepkg to load")
+    pubkey: Path | None = Field(None, description="public key; else $EDGEPACK_TRUSTED_KEYS")
+    demo_load: float | None = Field(
+        None, ge=0, description="generate this many requests/s from the self-test vectors"
+    )
+    threads: int | None = Field(None, ge=0, description="override the profile's thread count")
+
+
+def demo_requests(runtime, rate: float, stop: threading.Event) -> int:
+    """Run the self-test inputs round-robin at ``rate`` per second until ``stop``."""
+    from .selftest import load_vectors
+
+    inputs, _ = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
+    count = runtime.manifest.selftest.count
+    samples = [{name: value[i : i + 1] for name, value in inputs.items()} for i in range(count)]
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    done = 0
+    while not stop.is_set():
+        runtime.run(samples[done % count])
+        done += 1
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        elif delay < -1.0:  # fell far behind (slow model): do not try to catch up in a burst
+            next_at = time.monotonic()
+    return done
+
+
+def run_agent(settings: AgentSettings, stop: threading.Event | None = None) -> int:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when run from the CLI).
+
+    Returns the process exit code: 0, or 1 when the bundle's self-test failed.
+
+    Raises:
+        EdgeRuntimeError: the bundle cannot be verified or loaded (reported as an event first).
+    """
+    from .runtime import Runtime
+
+    stop = stop or threading.Event()
+    client = TelemetryClient(settings).start()
+    try:
+        try:
+            runtime = Runtime.open(
+                settings.bundle, settings.pubkey, threads=settings.threads, telemetry=client
+            )
+        except EdgeRuntimeError as exc:
+            client.event("bundle_error", "error", message=str(exc), bundle=str(settings.bundle))
+            raise
+        with runtime:
+            report = runtime.selftest()
+            log.info(
+                "agent %s/%s: boot %d, bundle %s %s, self-test %s",
+                settings.fleet,
+                settings.device_id,
+                client.boot,
+                runtime.manifest.name,
+                runtime.manifest.version,
+                "passed" if report.passed else "FAILED",
+            )
+            if settings.demo_load:
+                demo_requests(runtime, settings.demo_load, stop)
+            else:
+                stop.wait()
+        return 0 if report.passed else 1
+    finally:
+        client.stop()
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())

@@ -1,0 +1,299 @@
+"""``TelemetryClient``: reports a device's health and metrics over MQTT, losing nothing.
+
+Wraps paho-mqtt (callback API version 2) in one small class, in paho's own manner: bad
+settings raise at once; network trouble is a state, never an exception; results of
+asynchronous work arrive in callbacks. Threads:
+
+- paho's network loop (connects, reconnects, receives PUBACKs);
+- the publisher, which moves messages from the disk outbox to paho, keeping at most
+  ``window`` unacknowledged, and deletes each one when its PUBACK arrives;
+- the reporter, which every ``metrics_interval_s`` turns the in-process aggregates into a
+  ``metrics`` message in the outbox.
+
+Inference threads only call ``record`` (a lock and two appends), so telemetry never blocks
+inference, whatever the network does.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from .. import __version__
+from ..settings import MqttSettings
+from .aggregate import InferenceStats, VitalSigns, device_facts
+from .outbox import Outbox
+from .protocol import SCHEMA_VERSION, Kind, check_name, topic
+
+log = logging.getLogger(__name__)
+
+
+def default_state_root() -> Path:
+    home = os.environ.get("EDGEPACK_HOME") or Path.home() / ".local" / "share" / "edgepack"
+    return Path(home) / "devices"
+
+
+class TelemetrySettings(MqttSettings):
+    """Where and how a device reports."""
+
+    fleet: str = Field(description="fleet name (a topic level)")
+    device_id: str = Field(description="device id: the MQTT client id and a topic level")
+    state_dir: Path | None = Field(
+        None, description="outbox and boot counter; default $EDGEPACK_HOME/devices/<device_id>"
+    )
+    metrics_interval_s: float = Field(10.0, gt=0, description="seconds between metrics messages")
+    outbox_max_mb: float = Field(64.0, gt=0, description="outbox size bound; oldest dropped first")
+    outbox_max_age_h: float = Field(168.0, gt=0, description="messages older than this are dropped")
+    window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight")
+
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or default_state_root() / self.device_id
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+class TelemetryClient:
+    """Reports ``birth``, ``status``, ``metrics`` and ``events`` for one device."""
+
+    def __init__(self, settings: TelemetrySettings) -> None:
+        check_name(settings.fleet, "fleet")
+        check_name(settings.device_id, "device id")
+        self.settings = settings
+        self.stats = InferenceStats()
+        self._bundle: dict[str, Any] | None = None
+        self._outbox: Outbox | None = None
+        self._client = None
+        self.boot = 0
+        self.connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._acked_mids: collections.deque[int] = collections.deque()
+        self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (outbox id, sent at)
+        self._last_sent_id = 0
+        self._threads: list[threading.Thread] = []
+        self._last_error: str | None = None
+        self.publish_failures = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> TelemetryClient:
+        """Open the outbox, bump the boot counter, connect in the background."""
+        import paho.mqtt.client as mqtt
+
+        state_dir = self.settings.resolved_state_dir()
+        self._outbox = Outbox(
+            state_dir / "outbox.db",
+            max_bytes=int(self.settings.outbox_max_mb * 2**20),
+            max_age_s=self.settings.outbox_max_age_h * 3600,
+        )
+        self.boot = self._outbox.next_boot()
+        self._vitals = VitalSigns(state_dir)
+        s = self.settings
+        v5 = s.mqtt_version == "5"
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=s.device_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            **({} if v5 else {"clean_session": True}),
+        )
+        client.will_set(self._topic(Kind.STATUS), self._status("offline", "will"), 1, True)
+        if s.username:
+            client.username_pw_set(
+                s.username, s.password.get_secret_value() if s.password else None
+            )
+        host, port, tls = s.broker_address()
+        if tls:
+            client.tls_set(
+                ca_certs=str(s.tls_ca) if s.tls_ca else None,
+                certfile=str(s.tls_cert) if s.tls_cert else None,
+                keyfile=str(s.tls_key) if s.tls_key else None,
+            )
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
+        client.max_inflight_messages_set(min(s.window, 65000))
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._client = client
+        client.connect_async(host, port, keepalive=s.keepalive_s)
+        client.loop_start()
+        for target, name in ((self._publisher, "publisher"), (self._reporter, "reporter")):
+            thread = threading.Thread(target=target, name=f"telemetry-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Report a final metrics message, try to flush, announce ``offline``, disconnect."""
+        if self._client is None:
+            return
+        self._enqueue_metrics()
+        self.flush(flush_timeout_s)
+        self._stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self.connected.is_set():
+            info = self._client.publish(
+                self._topic(Kind.STATUS), self._status("offline", "shutdown"), 1, True
+            )
+            info.wait_for_publish(timeout=2)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._client = None
+        if self._outbox is not None:
+            self._outbox.close()
+
+    def __enter__(self) -> TelemetryClient:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (everything acknowledged); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._outbox is not None and self._outbox.depth() == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return False
+
+    # -- the hook a Runtime calls -------------------------------------------------------
+    def record(self, seconds: float, ok: bool = True, tokens: int = 0, error: str | None = None):
+        """One inference happened (called on the inference thread: must stay cheap)."""
+        self.stats.record(seconds, ok, tokens)
+        if error is not None:
+            self._last_error = error
+
+    def bundle_loaded(self, facts: dict[str, Any], signed_by: str) -> None:
+        """The runtime loaded a bundle: remember it for ``birth`` and send an event."""
+        self._bundle = facts
+        self.event("bundle_loaded", bundle=facts, signed_by=signed_by)
+        if self.connected.is_set():
+            self._publish_birth()
+
+    def event(self, name: str, level: str = "info", **data: Any) -> int:
+        """Queue an ``events`` message; returns its seq."""
+        return self._put(Kind.EVENTS, {"event": name, "level": level, "data": data})
+
+    # -- internals -----------------------------------------------------------------------
+    def _topic(self, kind: Kind) -> str:
+        return topic(self.settings.fleet, self.settings.device_id, kind)
+
+    def _status(self, state: str, reason: str) -> bytes:
+        return _json(
+            {
+                "schema": SCHEMA_VERSION,
+                "ts": time.time(),
+                "state": state,
+                "boot": self.boot,
+                "reason": reason,
+            }
+        )
+
+    def _put(self, kind: Kind, body: dict[str, Any]) -> int:
+        if self._outbox is None:
+            raise RuntimeError("TelemetryClient.start() was not called")
+
+        def make(seq: int) -> bytes:
+            return _json(
+                {"schema": SCHEMA_VERSION, "ts": time.time(), "boot": self.boot, "seq": seq, **body}
+            )
+
+        seq = self._outbox.put(self._topic(kind), make)
+        self._wake.set()
+        return seq
+
+    def _enqueue_metrics(self) -> int:
+        figures = self.stats.snapshot()
+        process, system = self._vitals.snapshot()
+        figures.update(
+            process=process,
+            system=system,
+            outbox={"depth": self._outbox.depth(), "dropped": self._outbox.dropped},
+        )
+        seq = self._put(Kind.METRICS, figures)
+        if self._last_error is not None and figures["errors"]:
+            error, self._last_error = self._last_error, None
+            self.event("inference_error", "error", message=error, count=figures["errors"])
+        return seq
+
+    def _publish_birth(self) -> None:
+        body = {
+            "schema": SCHEMA_VERSION,
+            "ts": time.time(),
+            "boot": self.boot,
+            "runtime_version": __version__,
+            "device": device_facts(),
+            "bundle": self._bundle,
+        }
+        self._client.publish(self._topic(Kind.BIRTH), _json(body), 1, True)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT broker refused the connection: %s", reason_code)
+            return
+        client.publish(self._topic(Kind.STATUS), self._status("online", "connected"), 1, True)
+        self._publish_birth()
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set():
+            log.info("MQTT disconnected (%s); outbox keeps everything until reconnect", reason_code)
+        self.connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # Runs on paho's thread, possibly while paho holds its own locks: only hand over.
+        self._acked_mids.append(mid)
+        self._wake.set()
+
+    def _publisher(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            try:
+                self._settle_acks()
+                if self.connected.is_set():
+                    self._send_more()
+            except Exception:  # never let the publisher die: the outbox holds the data
+                self.publish_failures += 1
+                log.exception("telemetry publisher error; retrying")
+                time.sleep(0.5)
+
+    def _settle_acks(self) -> None:
+        ids = []
+        while self._acked_mids:
+            entry = self._inflight.pop(self._acked_mids.popleft(), None)
+            if entry is not None:
+                ids.append(entry[0])
+        self._outbox.ack(ids)
+
+    def _send_more(self) -> None:
+        room = self.settings.window - len(self._inflight)
+        if room <= 0:
+            return
+        for message in self._outbox.after(self._last_sent_id, room):
+            info = self._client.publish(message.topic, message.payload, qos=1)
+            # paho keeps and resends unacknowledged QoS 1 messages after a reconnect, so
+            # an entry stays in flight across outages until its PUBACK arrives.
+            self._inflight[info.mid] = (message.id, time.monotonic())
+            self._last_sent_id = message.id
+
+    def _reporter(self) -> None:
+        while not self._stopping.wait(self.settings.metrics_interval_s):
+            try:
+                self._enqueue_metrics()
+            except Exception:
+                log.exception("could not queue a metrics report")

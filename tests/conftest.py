@@ -82,3 +82,28 @@ def cnn_bundle(digits_example, keypair, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("bundles") / "digits-x86.edgepkg"
     build_example(digits_example, keypair[0], output, "x86-64-avx2")
     return output
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A private Mosquitto (persistence on) on a free port; stopped after the test."""
+    from tests.brokers import Mosquitto
+
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """A fresh, empty database URL: SQLite in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    from tests.brokers import PostgresDatabase, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    database = PostgresDatabase()
+    yield database.url
+    database.drop()

@@ -1,0 +1,211 @@
+"""Turning raw MQTT messages into stored records: validate, count, never crash.
+
+Anything malformed (not JSON, an unknown schema version, a wrong-typed field, an oversized
+payload, a topic outside the protocol) is counted by reason and logged (rate-limited), and
+ingest carries on with the next message.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from edge_runtime.telemetry.protocol import (
+    MAX_PAYLOAD_BYTES,
+    PAYLOAD_MODELS,
+    SCHEMA_VERSION,
+    Kind,
+    MetricsPayload,
+    parse_topic,
+)
+
+from .storage import Batch, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestStats:
+    """Counters since start (exposed on /metrics)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    statuses: int = 0
+    births: int = 0
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+    batches: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    topic: str
+    payload: bytes
+    received: float
+    retained: bool = False
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _metric_row(device: str, model: MetricsPayload, received: float, raw: str) -> tuple:
+    latency = model.latency
+    process, system, outbox = model.process, model.system, model.outbox
+    return (
+        device,
+        model.boot,
+        model.seq,
+        model.ts,
+        received,
+        model.interval_s,
+        model.inferences,
+        model.errors,
+        latency.p50_ms,
+        latency.p95_ms,
+        latency.p99_ms,
+        latency.max_ms,
+        latency.mean_ms,
+        model.tokens_per_s,
+        process.get("cpu_percent"),
+        process.get("rss_mb"),
+        system.get("mem_available_mb"),
+        system.get("temperature_c"),
+        system.get("disk_free_mb"),
+        system.get("uptime_s"),
+        outbox.get("depth"),
+        outbox.get("dropped"),
+        raw,
+    )
+
+
+class Ingestor:
+    """Parses batches of raw messages and stores them through ``Storage``."""
+
+    def __init__(self, storage: Storage, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self.storage = storage
+        self.max_payload_bytes = max_payload_bytes
+        self.stats = IngestStats()
+        self._last_log = 0.0
+
+    def parse(self, message: RawMessage):
+        """Return ``(kind, fleet, device, model, text)``; raise Rejected with a reason."""
+        place = parse_topic(message.topic)
+        if place is None:
+            raise Rejected("bad_topic", f"topic {message.topic!r} is not an edgepack topic")
+        fleet, device, kind = place
+        if kind is Kind.CMD:
+            return None  # commands go to devices; collectors only listen
+        if len(message.payload) > self.max_payload_bytes:
+            raise Rejected(
+                "oversized",
+                f"{len(message.payload)} bytes > {self.max_payload_bytes} on {message.topic}",
+            )
+        if not message.payload and message.retained:
+            return None  # a cleared retained message
+        try:
+            text = message.payload.decode("utf-8")
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Rejected("malformed_json", f"{message.topic}: {exc}") from None
+        if not isinstance(data, dict):
+            raise Rejected("malformed_json", f"{message.topic}: payload is not a JSON object")
+        if data.get("schema") != SCHEMA_VERSION:
+            raise Rejected(
+                "unknown_schema", f"{message.topic}: schema {data.get('schema')!r} is not supported"
+            )
+        try:
+            model = PAYLOAD_MODELS[kind].model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise Rejected("invalid_field", f"{message.topic}: {where}: {first['msg']}") from None
+        return kind, fleet, device, model, text
+
+    def ingest(self, messages: list[RawMessage]) -> Batch:
+        """Parse and store ``messages`` in one transaction; count everything."""
+        metrics, events, births, statuses = [], [], [], []
+        seen: dict[str, tuple[str, float]] = {}
+        rejected: collections.Counter = collections.Counter()
+        for message in messages:
+            try:
+                parsed = self.parse(message)
+            except Rejected as exc:
+                rejected[exc.reason] += 1
+                self._log_rejection(exc)
+                continue
+            if parsed is None:
+                continue
+            kind, fleet, device, model, text = parsed
+            if kind is Kind.METRICS:
+                metrics.append(_metric_row(device, model, message.received, text))
+            elif kind is Kind.EVENTS:
+                events.append(
+                    (
+                        device,
+                        model.boot,
+                        model.seq,
+                        model.ts,
+                        message.received,
+                        model.event,
+                        model.level,
+                        json.dumps(model.data),
+                    )
+                )
+            elif kind is Kind.BIRTH:
+                births.append(
+                    (
+                        device,
+                        fleet,
+                        model.ts,
+                        text,
+                        model.boot,
+                        {
+                            "runtime_version": model.runtime_version,
+                            "device": model.device,
+                            "bundle": model.bundle.model_dump() if model.bundle else None,
+                        },
+                    )
+                )
+            elif kind is Kind.STATUS:
+                statuses.append(
+                    (
+                        device,
+                        fleet,
+                        model.ts,
+                        model.state,
+                        model.boot,
+                        model.reason,
+                        message.received,
+                    )
+                )
+            if kind in (Kind.METRICS, Kind.EVENTS):
+                last = seen.get(device)
+                if last is None or last[1] < message.received:
+                    seen[device] = (fleet, message.received)
+        batch = Batch(metrics, events, births, statuses, seen)
+        stored, duplicates = self.storage.store(batch)
+        with self.stats.lock:
+            self.stats.received += len(messages)
+            self.stats.stored += stored
+            self.stats.duplicates += duplicates
+            self.stats.births += len(births)
+            self.stats.statuses += len(statuses)
+            self.stats.rejected.update(rejected)
+            self.stats.batches += 1
+        return batch
+
+    def _log_rejection(self, exc: Rejected) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 1.0:  # at most one line a second, whatever the flood
+            self._last_log = now
+            log.warning("rejected message (%s): %s", exc.reason, exc)

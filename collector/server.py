@@ -1,0 +1,45 @@
+"""Wiring for ``edge-collector serve``: broker (optional), storage, MQTT, HTTP."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from .settings import CollectorSettings
+
+log = logging.getLogger(__name__)
+
+
+def run_server(settings: CollectorSettings, stop: threading.Event | None = None) -> None:
+    """Run until ``stop`` is set, or SIGINT/SIGTERM when ``stop`` is None."""
+    from .broker import EmbeddedBroker
+    from .http import make_server, serve_in_thread
+    from .service import Collector
+    from .storage import Storage
+
+    if stop is None:
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    broker = None
+    if settings.embedded_broker:
+        host, port, _ = settings.broker_address()
+        broker = EmbeddedBroker(host, port).start()
+        log.warning("embedded broker speaks MQTT 3.1.1 only: run agents with --mqtt-version 3.1.1")
+    storage = Storage(settings.db)
+    collector = Collector(settings, storage).start()
+    http = make_server(
+        storage, collector.ingestor.stats, settings.http_host, settings.http_port, collector
+    )
+    serve_in_thread(http)
+    host, port = http.server_address[:2]
+    log.info("fleet page on http://%s:%d/ (API /api/devices, Prometheus /metrics)", host, port)
+    try:
+        stop.wait()
+    finally:
+        http.shutdown()
+        collector.stop()
+        storage.close()
+        if broker is not None:
+            broker.stop()

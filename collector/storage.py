@@ -1,0 +1,442 @@
+"""Telemetry storage on SQLite (default) or PostgreSQL (several collectors, one database).
+
+Schema changes are an ordered list of named migrations, recorded in ``schema_migrations``
+and applied on every open, for both databases alike. Duplicates are dropped by the primary
+key (device, boot, seq) with ``ON CONFLICT DO NOTHING``, so two collectors sharing one
+database, or a replayed outbox, never store a message twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import StorageError
+
+METRIC_COLUMNS = (
+    "interval_s",
+    "inferences",
+    "errors",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "mean_ms",
+    "tokens_per_s",
+    "cpu_percent",
+    "rss_mb",
+    "mem_available_mb",
+    "temperature_c",
+    "disk_free_mb",
+    "uptime_s",
+    "outbox_depth",
+    "outbox_dropped",
+)
+DEVICE_COLUMNS = (
+    "device_id",
+    "fleet",
+    "status",
+    "status_reason",
+    "status_ts",
+    "boot",
+    "last_seen",
+    "runtime_version",
+    "bundle_id",
+    "bundle_name",
+    "bundle_version",
+    "profile",
+    "backend",
+    "recipe",
+    "facts",
+)
+
+
+def _initial(dialect: str) -> list[str]:
+    serial = (
+        "BIGSERIAL PRIMARY KEY" if dialect == "postgres" else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    )
+    real = "DOUBLE PRECISION"
+    counters = ("inferences", "errors", "outbox_depth", "outbox_dropped")
+    metric_columns = ",\n".join(
+        f"{name} {'BIGINT' if name in counters else real}" for name in METRIC_COLUMNS
+    )
+    return [
+        f"""CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY, fleet TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'unknown', status_reason TEXT, status_ts {real},
+            boot BIGINT, last_seen {real}, runtime_version TEXT,
+            bundle_id TEXT, bundle_name TEXT, bundle_version TEXT, profile TEXT, backend TEXT,
+            recipe TEXT, facts TEXT)""",
+        f"""CREATE TABLE metrics (
+            device_id TEXT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
+            ts {real} NOT NULL, received {real} NOT NULL,
+            {metric_columns},
+            payload TEXT NOT NULL,
+            PRIMARY KEY (device_id, boot, seq))""",
+        "CREATE INDEX metrics_device_ts ON metrics (device_id, ts)",
+        f"""CREATE TABLE events (
+            device_id TEXT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
+            ts {real} NOT NULL, received {real} NOT NULL, event TEXT NOT NULL,
+            level TEXT NOT NULL, data TEXT NOT NULL,
+            PRIMARY KEY (device_id, boot, seq))""",
+        f"""CREATE TABLE status_log (
+            id {serial}, device_id TEXT NOT NULL, ts {real} NOT NULL, state TEXT NOT NULL,
+            boot BIGINT, reason TEXT)""",
+        f"""CREATE TABLE births (
+            device_id TEXT NOT NULL, boot BIGINT NOT NULL, ts {real} NOT NULL,
+            payload TEXT NOT NULL, PRIMARY KEY (device_id, boot))""",
+    ]
+
+
+# Ordered, named, append-only: never edit a migration that has shipped; add a new one.
+MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
+    ("0001_initial", _initial),
+]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Parsed messages to store in one transaction."""
+
+    metrics: list[tuple] = ()
+    events: list[tuple] = ()
+    births: list[tuple] = ()
+    statuses: list[tuple] = ()  # (device_id, fleet, ts, state, boot, reason, received)
+    seen: dict[str, tuple[str, float]] | None = None  # device -> (fleet, last ts)
+
+
+class Storage:
+    """One database connection, guarded by a lock (the ingest writer and the HTTP API share it)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = urlparse(url)
+        self._lock = threading.RLock()
+        if parsed.scheme == "sqlite":
+            import sqlite3
+
+            path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
+            if not path:
+                raise StorageError(f"database URL {url!r} names no file: use sqlite:///fleet.db")
+            try:
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open SQLite database {path}: {exc}") from None
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self.dialect = "sqlite"
+        elif parsed.scheme in ("postgresql", "postgres"):
+            try:
+                import psycopg
+            except ImportError:
+                raise StorageError(
+                    "PostgreSQL needs psycopg: pip install 'edgepack[collector-postgres]'"
+                ) from None
+            try:
+                self._db = psycopg.connect(url, autocommit=True)
+            except psycopg.Error as exc:
+                raise StorageError(f"cannot connect to {parsed.hostname}: {exc}") from None
+            self.dialect = "postgres"
+        else:
+            raise StorageError(
+                f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://HOST/DB"
+            )
+        self.migrate()
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s") if self.dialect == "postgres" else statement
+
+    def _execute(self, statement: str, params: Iterable = ()):
+        return self._db.execute(self._sql(statement), tuple(params))
+
+    def _transaction(self):
+        if self.dialect == "postgres":
+            return self._db.transaction()
+        return _SqliteTransaction(self._db)
+
+    def _executemany(self, statement: str, rows: list[tuple]) -> int:
+        if not rows:
+            return 0
+        cursor = self._db.cursor()
+        cursor.executemany(self._sql(statement), rows)
+        return max(cursor.rowcount, 0)
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations this database lacks; return their names."""
+        applied: list[str] = []
+        with self._lock:
+            self._execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at "
+                "DOUBLE PRECISION NOT NULL)"
+            )
+            done = {row[0] for row in self._execute("SELECT name FROM schema_migrations")}
+            for name, make in MIGRATIONS:
+                if name in done:
+                    continue
+                with self._transaction():
+                    for statement in make(self.dialect):
+                        self._execute(statement)
+                    self._execute(
+                        "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                        (name, time.time()),
+                    )
+                applied.append(name)
+        return applied
+
+    def applied_migrations(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes ------------------------------------------------------------------------------
+    def store(self, batch: Batch) -> tuple[int, int]:
+        """Store a batch in one transaction; returns (stored, duplicates) for metrics+events."""
+        with self._lock, self._transaction():
+            metric_sql = (
+                "INSERT INTO metrics (device_id, boot, seq, ts, received, "
+                + ", ".join(METRIC_COLUMNS)
+                + ", payload) VALUES ("
+                + ", ".join("?" * (len(METRIC_COLUMNS) + 6))
+                + ") ON CONFLICT DO NOTHING"
+            )
+            stored = self._executemany(metric_sql, list(batch.metrics))
+            stored += self._executemany(
+                "INSERT INTO events (device_id, boot, seq, ts, received, event, level, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                list(batch.events),
+            )
+            for device_id, fleet, ts, payload, boot, facts in batch.births:
+                self._upsert_seen(device_id, fleet, ts)
+                self._execute(
+                    "INSERT INTO births (device_id, boot, ts, payload) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (device_id, boot, ts, payload),
+                )
+                bundle = facts.get("bundle") or {}
+                self._execute(
+                    "UPDATE devices SET runtime_version = ?, facts = ?, bundle_id = ?, "
+                    "bundle_name = ?, bundle_version = ?, profile = ?, backend = ?, recipe = ? "
+                    "WHERE device_id = ? AND (boot IS NULL OR boot <= ?)",
+                    (
+                        facts.get("runtime_version"),
+                        json.dumps(facts.get("device")),
+                        bundle.get("id"),
+                        bundle.get("name"),
+                        bundle.get("version"),
+                        bundle.get("profile"),
+                        bundle.get("backend"),
+                        bundle.get("recipe"),
+                        device_id,
+                        boot,
+                    ),
+                )
+            for device_id, fleet, ts, state, boot, reason, received in batch.statuses:
+                self._upsert_seen(device_id, fleet, None)
+                self._execute(
+                    "INSERT INTO status_log (device_id, ts, state, boot, reason) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (device_id, ts, state, boot, reason),
+                )
+                # A status from an older boot (a late Will) never overrides a newer one.
+                # Within a boot, arrival order decides: a Will carries the timestamp of the
+                # connect it was registered with, so its own ``ts`` is always stale.
+                self._execute(
+                    "UPDATE devices SET status = ?, status_reason = ?, status_ts = ?, boot = ? "
+                    "WHERE device_id = ? AND (boot IS NULL OR boot < ? OR "
+                    "(boot = ? AND (status_ts IS NULL OR status_ts <= ?)))",
+                    (state, reason, received, boot, device_id, boot, boot, received),
+                )
+            for device_id, (fleet, ts) in (batch.seen or {}).items():
+                self._upsert_seen(device_id, fleet, ts)
+        total = len(batch.metrics) + len(batch.events)
+        return stored, total - stored
+
+    def _upsert_seen(self, device_id: str, fleet: str, ts: float | None) -> None:
+        self._execute(
+            "INSERT INTO devices (device_id, fleet, last_seen) VALUES (?, ?, ?) "
+            "ON CONFLICT (device_id) DO UPDATE SET fleet = excluded.fleet, last_seen = "
+            "CASE WHEN excluded.last_seen IS NULL THEN devices.last_seen "
+            "WHEN devices.last_seen IS NULL OR devices.last_seen < excluded.last_seen "
+            "THEN excluded.last_seen ELSE devices.last_seen END",
+            (device_id, fleet, ts),
+        )
+
+    def mark_silent_offline(self, cutoff_ts: float) -> list[str]:
+        """Devices marked online but not heard from since ``cutoff_ts`` become offline."""
+        with self._lock, self._transaction():
+            rows = self._execute(
+                "SELECT device_id, boot FROM devices WHERE status = 'online' AND last_seen < ?",
+                (cutoff_ts,),
+            ).fetchall()
+            now = time.time()
+            for device_id, boot in rows:
+                self._execute(
+                    "UPDATE devices SET status = 'offline', status_reason = 'missed heartbeats', "
+                    "status_ts = ? WHERE device_id = ?",
+                    (now, device_id),
+                )
+                self._execute(
+                    "INSERT INTO status_log (device_id, ts, state, boot, reason) "
+                    "VALUES (?, ?, 'offline', ?, 'missed heartbeats')",
+                    (device_id, now, boot),
+                )
+        return [row[0] for row in rows]
+
+    # -- reads -------------------------------------------------------------------------------
+    def devices(self, window_s: float = 300.0) -> list[dict[str, Any]]:
+        """Every device with its status, bundle, last seen, and recent p95 and error rate."""
+        since = time.time() - window_s
+        with self._lock:
+            rows = self._execute(
+                f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device_id"
+            ).fetchall()
+            recent = {
+                row[0]: row[1:]
+                for row in self._execute(
+                    "SELECT device_id, MAX(p95_ms), SUM(inferences), SUM(errors), COUNT(*), "
+                    "MAX(outbox_dropped) FROM metrics WHERE ts >= ? GROUP BY device_id",
+                    (since,),
+                ).fetchall()
+            }
+            seqs = {
+                row[0]: (row[1], row[2])
+                for row in self._execute(
+                    "SELECT device_id, SUM(max_seq), SUM(n) FROM ("
+                    " SELECT device_id, boot, MAX(seq) AS max_seq, COUNT(*) AS n FROM ("
+                    "  SELECT device_id, boot, seq FROM metrics UNION ALL "
+                    "  SELECT device_id, boot, seq FROM events) AS stream"
+                    " GROUP BY device_id, boot) AS per_boot GROUP BY device_id"
+                ).fetchall()
+            }
+        devices = []
+        for row in rows:
+            device = dict(zip(DEVICE_COLUMNS, row, strict=True))
+            device["facts"] = json.loads(device["facts"]) if device["facts"] else None
+            p95, inferences, errors, reports, dropped = recent.get(row[0], (None, 0, 0, 0, 0))
+            expected, received = seqs.get(row[0], (0, 0))
+            device.update(
+                p95_ms=p95,
+                inferences_recent=int(inferences or 0),
+                # PostgreSQL's SUM(BIGINT) is NUMERIC (a Decimal): make it a float, as SQLite's.
+                error_rate=(float(errors) / float(inferences)) if inferences else 0.0,
+                reports_recent=int(reports or 0),
+                outbox_dropped=int(dropped or 0),
+                messages=int(received or 0),
+                missing_messages=int((expected or 0) - (received or 0)),
+            )
+            devices.append(device)
+        return devices
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        matches = [d for d in self.devices() if d["device_id"] == device_id]
+        if not matches:
+            return None
+        device = matches[0]
+        with self._lock:
+            device["recent_events"] = [
+                {
+                    "ts": ts,
+                    "boot": boot,
+                    "seq": seq,
+                    "event": event,
+                    "level": level,
+                    "data": json.loads(data),
+                }
+                for ts, boot, seq, event, level, data in self._execute(
+                    "SELECT ts, boot, seq, event, level, data FROM events WHERE device_id = ? "
+                    "ORDER BY ts DESC LIMIT 20",
+                    (device_id,),
+                ).fetchall()
+            ]
+            device["status_history"] = [
+                {"ts": ts, "state": state, "boot": boot, "reason": reason}
+                for ts, state, boot, reason in self._execute(
+                    "SELECT ts, state, boot, reason FROM status_log WHERE device_id = ? "
+                    "ORDER BY id DESC LIMIT 20",
+                    (device_id,),
+                ).fetchall()
+            ]
+        return device
+
+    def metrics(
+        self,
+        device_id: str,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 5000,
+    ) -> list[dict[str, Any]]:
+        clauses, params = ["device_id = ?"], [device_id]
+        if since is not None:
+            clauses.append("ts >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("ts <= ?")
+            params.append(until)
+        columns = ("boot", "seq", "ts") + METRIC_COLUMNS
+        with self._lock:
+            rows = self._execute(
+                f"SELECT {', '.join(columns)} FROM metrics WHERE {' AND '.join(clauses)} "
+                f"ORDER BY ts LIMIT {int(limit)}",
+                params,
+            ).fetchall()
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def stream_keys(self, device_id: str) -> list[tuple[int, int]]:
+        """Every stored (boot, seq) of a device's metrics and events, sorted (for tests/audits)."""
+        with self._lock:
+            rows = self._execute(
+                "SELECT boot, seq FROM metrics WHERE device_id = ? UNION ALL "
+                "SELECT boot, seq FROM events WHERE device_id = ?",
+                (device_id, device_id),
+            ).fetchall()
+        return sorted((int(b), int(s)) for b, s in rows)
+
+    def metric_totals(self) -> dict[str, dict[str, Any]]:
+        """Per device: stored reports, inferences and errors summed over them, latest report.
+
+        Rows are never deleted, so the sums only grow: /metrics exposes them as counters.
+        ``latest`` holds the newest report's boot, seq, ts and metric columns.
+        """
+        columns = ("boot", "seq", "ts") + METRIC_COLUMNS
+        listed = ", ".join(columns)
+        with self._lock:
+            sums = self._execute(
+                "SELECT device_id, COUNT(*), SUM(inferences), SUM(errors) FROM metrics "
+                "GROUP BY device_id"
+            ).fetchall()
+            latest = self._execute(
+                f"SELECT device_id, {listed} FROM (SELECT device_id, {listed}, ROW_NUMBER() "
+                "OVER (PARTITION BY device_id ORDER BY ts DESC, boot DESC, seq DESC) AS newest "
+                "FROM metrics) AS ranked WHERE newest = 1"
+            ).fetchall()
+        newest = {row[0]: dict(zip(columns, row[1:], strict=True)) for row in latest}
+        return {
+            device_id: {
+                "reports": int(reports),
+                "inferences": int(inferences or 0),
+                "errors": int(errors or 0),
+                "latest": newest.get(device_id),
+            }
+            for device_id, reports, inferences, errors in sums
+        }
+
+
+class _SqliteTransaction:
+    def __init__(self, db) -> None:
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

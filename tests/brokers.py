@@ -1,0 +1,120 @@
+"""Real services for telemetry tests: a private Mosquitto per test, fresh PostgreSQL databases.
+
+Tests never touch the shared broker on :1883; each starts its own ``mosquitto`` on a free
+port, with persistence on (as production brokers run), and can stop and restart it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0, open_: bool = True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                if open_:
+                    return
+        except OSError:
+            if not open_:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not {'open' if open_ else 'close'} in {timeout_s}s")
+
+
+class Mosquitto:
+    """A mosquitto process on its own port and data folder; stop/start keep both."""
+
+    def __init__(self, folder: Path, port: int | None = None, extra_config: str = "") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.config = self.folder / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            # Started as root, mosquitto would drop to user 'mosquitto', which cannot write
+            # the persistence file into this test's private folder.
+            f"user {getpass.getuser()}\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.folder}/\n"
+            "autosave_interval 1\n"
+            # The collector's queue must hold a whole outage's replay (default is 1000).
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            f"log_dest file {self.folder}/mosquitto.log\n"
+            "log_type error\nlog_type warning\nlog_type notice\n" + extra_config
+        )
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM): mosquitto saves its persistence file."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=10)
+        self.process = None
+        wait_for_port(self.port, open_=False)
+
+    def log(self) -> str:
+        path = self.folder / "mosquitto.log"
+        return path.read_text() if path.exists() else ""
+
+
+POSTGRES_ADMIN_URL = os.environ.get("EDGEPACK_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+class PostgresDatabase:
+    """A fresh database on the shared server, dropped afterwards."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self.name = f"edgepack_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{self.name}"')
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+        self.url = f"{base}/{self.name}"
+
+    def drop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

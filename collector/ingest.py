@@ -88,6 +88,25 @@ def _metric_row(device: str, model: MetricsPayload, received: float, raw: str) -
     )
 
 
+def _classify(topic: str, exc: Exception) -> Rejected:
+    """Name why a payload failed: not JSON, an unknown schema version, or a bad field."""
+    if isinstance(exc, UnicodeDecodeError):
+        return Rejected("malformed_json", f"{topic}: not UTF-8: {exc}")
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return Rejected("malformed_json", f"{topic}: {first['msg']}")
+    if not first["loc"]:
+        return Rejected("malformed_json", f"{topic}: payload is not a JSON object")
+    if first["loc"][0] == "schema":
+        return Rejected(
+            "unknown_schema",
+            f"{topic}: schema {first.get('input')!r} is not supported "
+            f"(this collector reads schema {SCHEMA_VERSION})",
+        )
+    where = ".".join(str(part) for part in first["loc"])
+    return Rejected("invalid_field", f"{topic}: {where}: {first['msg']}")
+
+
 class Ingestor:
     """Parses batches of raw messages and stores them through ``Storage``."""
 
@@ -113,22 +132,11 @@ class Ingestor:
         if not message.payload and message.retained:
             return None  # a cleared retained message
         try:
+            # pydantic-core parses and validates in one pass: the fast path for good messages.
+            model = PAYLOAD_MODELS[kind].model_validate_json(message.payload)
             text = message.payload.decode("utf-8")
-            data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Rejected("malformed_json", f"{message.topic}: {exc}") from None
-        if not isinstance(data, dict):
-            raise Rejected("malformed_json", f"{message.topic}: payload is not a JSON object")
-        if data.get("schema") != SCHEMA_VERSION:
-            raise Rejected(
-                "unknown_schema", f"{message.topic}: schema {data.get('schema')!r} is not supported"
-            )
-        try:
-            model = PAYLOAD_MODELS[kind].model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise Rejected("invalid_field", f"{message.topic}: {where}: {first['msg']}") from None
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise _classify(message.topic, exc) from None
         return kind, fleet, device, model, text
 
     def ingest(self, messages: list[RawMessage]) -> Batch:

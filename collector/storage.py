@@ -167,6 +167,32 @@ class Storage:
         cursor.executemany(self._sql(statement), rows)
         return max(cursor.rowcount, 0)
 
+    def _insert_new(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> int:
+        """Insert rows, skipping (device, boot, seq) already stored; returns rows inserted."""
+        if not rows:
+            return 0
+        names = ", ".join(columns)
+        if self.dialect == "sqlite":
+            marks = ", ".join("?" * len(columns))
+            return self._executemany(
+                f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows
+            )
+        # PostgreSQL: COPY into a per-transaction staging table, then one INSERT ... SELECT.
+        # Several times faster than row-by-row inserts, even pipelined.
+        stage = f"{table}_stage"
+        self._db.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+            f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        cursor = self._db.cursor()
+        with cursor.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING"
+        )
+        return max(cursor.rowcount, 0)
+
     def migrate(self) -> list[str]:
         """Apply the migrations this database lacks; return their names."""
         applied: list[str] = []
@@ -201,17 +227,14 @@ class Storage:
     def store(self, batch: Batch) -> tuple[int, int]:
         """Store a batch in one transaction; returns (stored, duplicates) for metrics+events."""
         with self._lock, self._transaction():
-            metric_sql = (
-                "INSERT INTO metrics (device_id, boot, seq, ts, received, "
-                + ", ".join(METRIC_COLUMNS)
-                + ", payload) VALUES ("
-                + ", ".join("?" * (len(METRIC_COLUMNS) + 6))
-                + ") ON CONFLICT DO NOTHING"
+            stored = self._insert_new(
+                "metrics",
+                ("device_id", "boot", "seq", "ts", "received", *METRIC_COLUMNS, "payload"),
+                list(batch.metrics),
             )
-            stored = self._executemany(metric_sql, list(batch.metrics))
-            stored += self._executemany(
-                "INSERT INTO events (device_id, boot, seq, ts, received, event, level, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            stored += self._insert_new(
+                "events",
+                ("device_id", "boot", "seq", "ts", "received", "event", "level", "data"),
                 list(batch.events),
             )
             for device_id, fleet, ts, payload, boot, facts in batch.births:

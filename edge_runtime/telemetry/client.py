@@ -76,6 +76,7 @@ class TelemetryClient:
         self.boot = 0
         self.connected = threading.Event()
         self._stopping = threading.Event()
+        self._reporting_done = threading.Event()
         self._wake = threading.Event()
         self._acked_mids: collections.deque[int] = collections.deque()
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (outbox id, sent at)
@@ -136,12 +137,13 @@ class TelemetryClient:
         """Report a final metrics message, try to flush, announce ``offline``, disconnect."""
         if self._client is None:
             return
+        self._reporting_done.set()  # no new reports: the flush below can reach empty
+        self._threads[1].join(timeout=5)
         self._enqueue_metrics()
         self.flush(flush_timeout_s)
         self._stopping.set()
         self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        self._threads[0].join(timeout=5)
         if self.connected.is_set():
             info = self._client.publish(
                 self._topic(Kind.STATUS), self._status("offline", "shutdown"), 1, True
@@ -292,7 +294,12 @@ class TelemetryClient:
             self._last_sent_id = message.id
 
     def _reporter(self) -> None:
-        while not self._stopping.wait(self.settings.metrics_interval_s):
+        interval = self.settings.metrics_interval_s
+        next_at = time.monotonic() + interval
+        # A fixed schedule, not "sleep interval after each report": reports stay on the
+        # cadence however long building one takes.
+        while not self._reporting_done.wait(max(0.0, next_at - time.monotonic())):
+            next_at = max(next_at + interval, time.monotonic() - interval)
             try:
                 self._enqueue_metrics()
             except Exception:

@@ -29,12 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or not
 
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- bench_onnx:start -->", "<!-- bench_onnx:end -->"
-DOC_HEADER = (
-    "# Benchmarks\n\n"
-    "Each section below is written by the script it names; re-run that script to update it.\n"
-)
+from benchdoc import DOC, cpu_model, write_section  # noqa: E402  (after the path is set)
+
 PROFILE = "x86-64-avx2"
 # name -> (figure, what is measured, comparison, goal, unit): the project's targets.
 GOALS = {
@@ -292,10 +288,7 @@ def host_facts(threads: int, plan: Plan, quick: bool) -> dict[str, str]:
     """Date, CPU model, core count and versions, for the report."""
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text(errors="ignore").splitlines() if cpuinfo.exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    cpu = cpu_model()
     timing = (
         f"{plan.warmup} warm-up calls, then {plan.rounds} interleaved rounds x {plan.calls} "
         "calls per contender; ratios are the median over rounds of the per-round medians"
@@ -326,7 +319,6 @@ def result_tables(figures: list[Figure], builds: list[tuple]) -> list[tuple]:
 def render_markdown(facts: dict, tables: list[tuple], notes: list[str], command: str) -> str:
     """The docs section, markers included."""
     lines = [
-        START,
         "## ONNX: runtime overhead, int8 vs fp32, build time",
         "",
         f"Written by `scripts/bench_onnx.py` on {facts['date']}.",
@@ -341,19 +333,7 @@ def render_markdown(facts: dict, tables: list[tuple], notes: list[str], command:
     for title, header, rows in tables:
         lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |"]
         lines += ["|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in rows]]
-    return "\n".join([*lines, END]) + "\n"
-
-
-def write_section(section: str) -> None:
-    """Replace the bench_onnx section of docs/benchmarks.md, keeping everything else."""
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else DOC_HEADER
-    if START in text and END in text.split(START, 1)[1]:
-        before, rest = text.split(START, 1)
-        text = before + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text, encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def print_tables(console, facts: dict, tables: list[tuple], notes: list[str]) -> None:
@@ -456,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = [flag for flag in argv if flag not in ("--no-write", "--json")]
     command = " ".join([".venv/bin/python scripts/bench_onnx.py", *flags])
     if not args.no_write:
-        write_section(render_markdown(facts, tables, notes, command))
+        write_section("bench_onnx", render_markdown(facts, tables, notes, command))
         console.print(f"updated {DOC.relative_to(REPO)}")
     if args.json:
         payload = {"host": facts, "figures": [asdict(f) for f in figures], "builds": builds}

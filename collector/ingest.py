@@ -21,7 +21,6 @@ from edge_runtime.telemetry.protocol import (
     PAYLOAD_MODELS,
     SCHEMA_VERSION,
     Kind,
-    MetricsPayload,
     parse_topic,
 )
 
@@ -56,36 +55,6 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
-
-
-def _metric_row(device: str, model: MetricsPayload, received: float, raw: str) -> tuple:
-    latency = model.latency
-    process, system, outbox = model.process, model.system, model.outbox
-    return (
-        device,
-        model.boot,
-        model.seq,
-        model.ts,
-        received,
-        model.interval_s,
-        model.inferences,
-        model.errors,
-        latency.p50_ms,
-        latency.p95_ms,
-        latency.p99_ms,
-        latency.max_ms,
-        latency.mean_ms,
-        model.tokens_per_s,
-        process.get("cpu_percent"),
-        process.get("rss_mb"),
-        system.get("mem_available_mb"),
-        system.get("temperature_c"),
-        system.get("disk_free_mb"),
-        system.get("uptime_s"),
-        outbox.get("depth"),
-        outbox.get("dropped"),
-        raw,
-    )
 
 
 def _classify(topic: str, exc: Exception) -> Rejected:
@@ -155,7 +124,7 @@ class Ingestor:
                 continue
             kind, fleet, device, model, text = parsed
             if kind is Kind.METRICS:
-                metrics.append(_metric_row(device, model, message.received, text))
+                metrics.append((device, model, message.received, text))
             elif kind is Kind.EVENTS:
                 events.append(
                     (

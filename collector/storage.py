@@ -18,25 +18,53 @@ from urllib.parse import urlparse
 
 from .errors import StorageError
 
-METRIC_COLUMNS = (
-    "interval_s",
-    "inferences",
-    "errors",
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
-    "max_ms",
-    "mean_ms",
-    "tokens_per_s",
-    "cpu_percent",
-    "rss_mb",
-    "mem_available_mb",
-    "temperature_c",
-    "disk_free_mb",
-    "uptime_s",
-    "outbox_depth",
-    "outbox_dropped",
-)
+# column -> where it sits in a metrics payload: (section or None, key).
+METRIC_PATHS = {
+    "interval_s": (None, "interval_s"),
+    "inferences": (None, "inferences"),
+    "errors": (None, "errors"),
+    "p50_ms": ("latency", "p50_ms"),
+    "p95_ms": ("latency", "p95_ms"),
+    "p99_ms": ("latency", "p99_ms"),
+    "max_ms": ("latency", "max_ms"),
+    "mean_ms": ("latency", "mean_ms"),
+    "tokens_per_s": (None, "tokens_per_s"),
+    "cpu_percent": ("process", "cpu_percent"),
+    "rss_mb": ("process", "rss_mb"),
+    "mem_available_mb": ("system", "mem_available_mb"),
+    "temperature_c": ("system", "temperature_c"),
+    "disk_free_mb": ("system", "disk_free_mb"),
+    "uptime_s": ("system", "uptime_s"),
+    "outbox_depth": ("outbox", "depth"),
+    "outbox_dropped": ("outbox", "dropped"),
+}
+METRIC_COLUMNS = tuple(METRIC_PATHS)
+INTEGER_METRICS = ("inferences", "errors", "outbox_depth", "outbox_dropped")
+STREAM_KEY = ("device_id", "boot", "seq", "ts", "received")
+
+
+def metric_row(device: str, model, received: float, text: str) -> tuple:
+    """A full metrics row, the columns picked out of a validated MetricsPayload in Python."""
+    values = []
+    for section, key in METRIC_PATHS.values():
+        holder = getattr(model, section) if section else model
+        values.append(holder.get(key) if isinstance(holder, dict) else getattr(holder, key))
+    return (device, model.boot, model.seq, model.ts, received, *values, text)
+
+
+def _pg_metric_select() -> str:
+    """PostgreSQL picks the columns out of the JSON itself (in C, from one jsonb parse)."""
+    picks = []
+    for column, (section, key) in METRIC_PATHS.items():
+        path = f"j->'{section}'->>'{key}'" if section else f"j->>'{key}'"
+        kind = "bigint" if column in INTEGER_METRICS else "double precision"
+        picks.append(f"({path})::{kind}")
+    return (
+        f"SELECT {', '.join(STREAM_KEY)}, {', '.join(picks)}, payload "
+        "FROM (SELECT *, payload::jsonb AS j FROM metrics_stage) AS staged"
+    )
+
+
 DEVICE_COLUMNS = (
     "device_id",
     "fleet",
@@ -61,9 +89,8 @@ def _initial(dialect: str) -> list[str]:
         "BIGSERIAL PRIMARY KEY" if dialect == "postgres" else "INTEGER PRIMARY KEY AUTOINCREMENT"
     )
     real = "DOUBLE PRECISION"
-    counters = ("inferences", "errors", "outbox_depth", "outbox_dropped")
     metric_columns = ",\n".join(
-        f"{name} {'BIGINT' if name in counters else real}" for name in METRIC_COLUMNS
+        f"{name} {'BIGINT' if name in INTEGER_METRICS else real}" for name in METRIC_COLUMNS
     )
     return [
         f"""CREATE TABLE devices (
@@ -103,7 +130,7 @@ MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
 class Batch:
     """Parsed messages to store in one transaction."""
 
-    metrics: list[tuple] = ()
+    metrics: list[tuple] = ()  # (device_id, MetricsPayload, received, raw JSON text)
     events: list[tuple] = ()
     births: list[tuple] = ()
     statuses: list[tuple] = ()  # (device_id, fleet, ts, state, boot, reason, received)
@@ -177,21 +204,47 @@ class Storage:
             return self._executemany(
                 f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows
             )
-        # PostgreSQL: COPY into a per-transaction staging table, then one INSERT ... SELECT.
-        # Several times faster than row-by-row inserts, even pipelined.
+        return self._copy_new(table, columns, rows, f"SELECT {names} FROM {table}_stage")
+
+    def _copy_new(
+        self,
+        table: str,
+        columns: tuple[str, ...],
+        rows: list[tuple],
+        select: str,
+        staged: tuple[str, ...] | None = None,
+    ) -> int:
+        """PostgreSQL: COPY into a per-transaction staging table, then one INSERT ... SELECT.
+
+        Several times faster than row-by-row inserts, even pipelined.
+        """
         stage = f"{table}_stage"
         self._db.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
             f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         cursor = self._db.cursor()
-        with cursor.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+        with cursor.copy(f"COPY {stage} ({', '.join(staged or columns)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         cursor.execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING"
+            f"INSERT INTO {table} ({', '.join(columns)}) {select} ON CONFLICT DO NOTHING"
         )
         return max(cursor.rowcount, 0)
+
+    def _insert_metrics(self, metrics: list[tuple]) -> int:
+        """``metrics``: (device, MetricsPayload, received, raw JSON text) per message."""
+        if not metrics:
+            return 0
+        columns = (*STREAM_KEY, *METRIC_COLUMNS, "payload")
+        if self.dialect == "sqlite":
+            return self._insert_new("metrics", columns, [metric_row(*m) for m in metrics])
+        rows = [
+            (device, m.boot, m.seq, m.ts, received, text) for device, m, received, text in metrics
+        ]
+        return self._copy_new(
+            "metrics", columns, rows, _pg_metric_select(), staged=(*STREAM_KEY, "payload")
+        )
 
     def migrate(self) -> list[str]:
         """Apply the migrations this database lacks; return their names."""
@@ -227,15 +280,9 @@ class Storage:
     def store(self, batch: Batch) -> tuple[int, int]:
         """Store a batch in one transaction; returns (stored, duplicates) for metrics+events."""
         with self._lock, self._transaction():
-            stored = self._insert_new(
-                "metrics",
-                ("device_id", "boot", "seq", "ts", "received", *METRIC_COLUMNS, "payload"),
-                list(batch.metrics),
-            )
+            stored = self._insert_metrics(list(batch.metrics))
             stored += self._insert_new(
-                "events",
-                ("device_id", "boot", "seq", "ts", "received", "event", "level", "data"),
-                list(batch.events),
+                "events", (*STREAM_KEY, "event", "level", "data"), list(batch.events)
             )
             for device_id, fleet, ts, payload, boot, facts in batch.births:
                 self._upsert_seen(device_id, fleet, ts)

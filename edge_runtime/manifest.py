@@ -59,6 +59,7 @@ class BackendSpec(StrictModel):
     providers: list[str] = Field(default_factory=list)
     intra_op_threads: int = Field(ge=0)
     enable_cpu_mem_arena: bool = False
+    allow_spinning: bool = Field(True, description="ONNX Runtime worker threads spin-wait")
 
 
 class ModelSpec(StrictModel):

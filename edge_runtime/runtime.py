@@ -52,9 +52,19 @@ class Runtime:
         self.model_dir = model_dir
         self._backend = backend
         self._owns_dir = owns_dir
-        self._telemetry = telemetry
-        if telemetry is not None:
-            telemetry.bundle_loaded(self.bundle_facts(), verified.key_id)
+        self._telemetry: TelemetryHook | None = None
+        self.telemetry = telemetry
+
+    @property
+    def telemetry(self) -> TelemetryHook | None:
+        """Where inference outcomes are reported; assign a hook (or None) at any time."""
+        return self._telemetry
+
+    @telemetry.setter
+    def telemetry(self, hook: TelemetryHook | None) -> None:
+        self._telemetry = hook
+        if hook is not None:
+            hook.bundle_loaded(self.bundle_facts(), self._verified.key_id)
 
     @classmethod
     def open(

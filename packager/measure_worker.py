@@ -52,6 +52,8 @@ def main(request_path: str) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = request["threads"]
     options.enable_cpu_mem_arena = request["cpu_mem_arena"]
+    if not request["allow_spinning"]:  # as the device runtime will run it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     started = time.perf_counter()
     session = ort.InferenceSession(request["model"], options, providers=request["providers"])
     load_seconds = time.perf_counter() - started

@@ -34,6 +34,12 @@ class OnnxTargetConfig(StrictConfig):
     cpu_mem_arena: bool = Field(
         description="keep ONNX Runtime's CPU memory arena; off on edge devices to save RAM"
     )
+    allow_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's idle worker threads spin-wait for the next run: a "
+        "little lower latency back to back, but cores stay busy between requests, which "
+        "costs power and heat on battery or passively cooled devices",
+    )
     graph_optimization: Literal["disabled", "basic", "extended"] = Field(
         "basic",
         description="offline ONNX Runtime graph optimization level; 'basic' keeps standard "

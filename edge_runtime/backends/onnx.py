@@ -50,6 +50,10 @@ class OnnxBackend(Backend):
         spec = manifest.backend
         session_options = ort.SessionOptions()
         session_options.enable_cpu_mem_arena = spec.enable_cpu_mem_arena
+        if not spec.allow_spinning:
+            # Idle workers sleep instead of spinning: an agent serving a few requests a
+            # second would otherwise keep every core busy.
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         threads = options.threads if options.threads is not None else spec.intra_op_threads
         session_options.intra_op_num_threads = threads
         wanted = options.providers or spec.providers or ["CPUExecutionProvider"]

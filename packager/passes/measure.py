@@ -36,6 +36,7 @@ class Measure(Pass):
             "inputs": str(inputs),
             "threads": min(ctx.profile.onnx.threads or host_cores, host_cores),
             "cpu_mem_arena": ctx.profile.onnx.cpu_mem_arena,
+            "allow_spinning": ctx.profile.onnx.allow_spinning,
             # The host has no GPU provider to speak of; CPU figures are what it can measure.
             "providers": ["CPUExecutionProvider"],
             "runs": self.config.runs,

@@ -145,6 +145,7 @@ class Package(Pass):
                 providers=profile.onnx.providers,
                 intra_op_threads=profile.onnx.threads,
                 enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
+                allow_spinning=profile.onnx.allow_spinning,
             ),
             model=ModelSpec(
                 path=MODEL_MEMBER,

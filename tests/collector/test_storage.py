@@ -11,7 +11,8 @@ import pytest
 
 from collector import storage as storage_module
 from collector.errors import StorageError
-from collector.storage import METRIC_COLUMNS, Batch, Storage
+from collector.storage import METRIC_COLUMNS, METRIC_PATHS, Batch, Storage
+from edge_runtime.telemetry.protocol import MetricsPayload
 
 FLEET = "plant-7"
 FACTS = {"arch": "aarch64", "cores": 4, "ram_mb": 3906.0}
@@ -33,10 +34,35 @@ def storage(db_url):
 
 
 def metric(device: str, boot: int, seq: int, ts: float, **figures) -> tuple:
-    """A metrics row as ``Ingestor`` builds it; unnamed figures are NULL."""
-    values = [figures.get(name) for name in METRIC_COLUMNS]
-    payload = json.dumps({"boot": boot, "seq": seq, **figures})
-    return (device, boot, seq, ts, ts + 0.01, *values, payload)
+    """A metrics entry as ``Ingestor`` hands it over; unnamed optional figures are null."""
+    body = {
+        "schema": 1,
+        "ts": ts,
+        "boot": boot,
+        "seq": seq,
+        "interval_s": 10.0,
+        "inferences": 0,
+        "errors": 0,
+        "tokens_per_s": None,
+        "latency": {
+            "count": 0,
+            "p50_ms": None,
+            "p95_ms": None,
+            "p99_ms": None,
+            "max_ms": None,
+            "mean_ms": None,
+            "buckets_ms": [],
+            "counts": [0],
+        },
+        "process": {},
+        "system": {},
+        "outbox": {"depth": 0, "dropped": 0},
+    }
+    for name, value in figures.items():
+        section, key = METRIC_PATHS[name]
+        (body[section] if section else body)[key] = value
+    text = json.dumps(body)
+    return (device, MetricsPayload.model_validate_json(text), ts + 0.01, text)
 
 
 def event(device: str, boot: int, seq: int, ts: float, name: str = "tick", **data) -> tuple:
@@ -63,7 +89,8 @@ def stream(*rows: tuple, metrics: bool = True) -> Batch:
     """Metrics (or events) rows, with the devices' last-seen times as ingest computes them."""
     seen = {}
     for row in rows:
-        seen[row[0]] = (FLEET, max(row[3], seen.get(row[0], (FLEET, 0.0))[1]))
+        ts = row[1].ts if metrics else row[3]  # metrics entries carry the parsed payload
+        seen[row[0]] = (FLEET, max(ts, seen.get(row[0], (FLEET, 0.0))[1]))
     return Batch(metrics=list(rows), seen=seen) if metrics else Batch(events=list(rows), seen=seen)
 
 

@@ -116,6 +116,21 @@ def test_load_honours_the_cpu_memory_arena_flag(extracted, sessions, arena):
     assert sessions[0].get_session_options().enable_cpu_mem_arena is arena
 
 
+@pytest.mark.parametrize(("spinning", "entry"), [(True, ""), (False, "0")])
+def test_edge_profiles_stop_idle_worker_threads_spinning(extracted, sessions, spinning, entry):
+    model_dir, manifest = extracted
+
+    with create_backend("onnx") as backend:
+        backend.load(model_dir, with_backend(manifest, allow_spinning=spinning), BackendOptions())
+
+    options = sessions[0].get_session_options()
+    try:
+        found = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # never set: ONNX Runtime's default, which spins
+        found = ""
+    assert found == entry
+
+
 @pytest.mark.parametrize(
     ("manifest_threads", "override", "expected"),
     [

@@ -28,8 +28,6 @@ class Collector:
     """Subscribes to a fleet's telemetry and stores it. ``start``/``stop``, or a context."""
 
     def __init__(self, settings: CollectorSettings, storage: Storage) -> None:
-        if settings.shared_group and settings.mqtt_version != "5":
-            raise ValueError("--shared-group needs MQTT 5 (shared subscriptions)")
         self.settings = settings
         self.storage = storage
         self.ingestor = Ingestor(storage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edge_runtime.settings import MqttSettings
 
@@ -30,6 +30,15 @@ class CollectorSettings(MqttSettings):
     session_expiry_s: int = Field(
         3600, ge=0, description="how long the broker keeps our session and queue while we are away"
     )
+
+    @model_validator(mode="after")
+    def _shared_needs_v5(self) -> CollectorSettings:
+        if self.shared_group and self.mqtt_version != "5":
+            raise ValueError(
+                "shared_group needs MQTT 5 (shared subscriptions); the embedded broker "
+                "(amqtt) speaks 3.1.1 only, so use Mosquitto for scale-out"
+            )
+        return self
 
     def resolved_client_id(self) -> str:
         suffix = f"-{self.shared_group}" if self.shared_group else ""

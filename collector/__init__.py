@@ -1,1 +1,1 @@
-"""collector: fleet telemetry ingest (MQTT -> SQLite/PostgreSQL). Not built yet; see issue 3."""
+"""collector: fleet telemetry ingest (MQTT -> SQLite or PostgreSQL), HTTP API and fleet page."""

@@ -16,6 +16,7 @@ import time
 
 from edge_runtime.telemetry.protocol import fleet_filter
 
+from .errors import StorageError
 from .ingest import Ingestor, RawMessage
 from .settings import CollectorSettings
 from .storage import Storage
@@ -129,10 +130,14 @@ class Collector:
                 try:
                     self.ingestor.ingest(raw)
                     break
-                except Exception:
-                    # Storage is down: keep the batch, unacknowledged, and retry; if we die
-                    # meanwhile, the broker redelivers it to our session.
-                    log.exception("storing %d messages failed; retrying", len(raw))
+                except Exception as exc:
+                    # The database is down (or a bug): keep the batch, unacknowledged, and
+                    # retry; the next attempt reconnects. If we die meanwhile, the broker
+                    # redelivers it to our session.
+                    if isinstance(exc, StorageError):
+                        log.warning("storing %d messages failed (%s); retrying", len(raw), exc)
+                    else:
+                        log.exception("storing %d messages failed; retrying", len(raw))
                     if self._stopping.wait(1.0):
                         return
             subscriber.ack(messages)

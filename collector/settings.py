@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_runtime.settings import MqttSettings
+from edge_runtime.telemetry.protocol import check_name
 
 ENV_PREFIX = "EDGE_COLLECTOR_"
 
@@ -30,6 +31,11 @@ class CollectorSettings(MqttSettings):
     session_expiry_s: int = Field(
         3600, ge=0, description="how long the broker keeps our session and queue while we are away"
     )
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet_name(cls, value: str) -> str:
+        return value if value == "+" else check_name(value, "fleet")
 
     @model_validator(mode="after")
     def _shared_needs_v5(self) -> CollectorSettings:

@@ -8,6 +8,7 @@ database, or a replayed outbox, never store a message twice.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -137,6 +138,21 @@ class Batch:
     seen: dict[str, tuple[str, float]] | None = None  # device -> (fleet, last ts)
 
 
+def _guarded(method):
+    """Serialize on the lock, reconnect if needed, and turn driver errors into StorageError."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            self._ensure_connection()
+            try:
+                return method(self, *args, **kwargs)
+            except self._driver_errors as exc:
+                raise StorageError(f"{self.dialect} error: {exc}") from exc
+
+    return wrapper
+
+
 class Storage:
     """One database connection, guarded by a lock (the ingest writer and the HTTP API share it)."""
 
@@ -157,6 +173,7 @@ class Storage:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self.dialect = "sqlite"
+            self._driver_errors = (sqlite3.Error,)
         elif parsed.scheme in ("postgresql", "postgres"):
             try:
                 import psycopg
@@ -164,11 +181,13 @@ class Storage:
                 raise StorageError(
                     "PostgreSQL needs psycopg: pip install 'edgepack[collector-postgres]'"
                 ) from None
+            self._connect_postgres = lambda: psycopg.connect(url, autocommit=True)
             try:
-                self._db = psycopg.connect(url, autocommit=True)
+                self._db = self._connect_postgres()
             except psycopg.Error as exc:
                 raise StorageError(f"cannot connect to {parsed.hostname}: {exc}") from None
             self.dialect = "postgres"
+            self._driver_errors = (psycopg.Error,)
         else:
             raise StorageError(
                 f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://HOST/DB"
@@ -176,6 +195,16 @@ class Storage:
         self.migrate()
 
     # -- plumbing --------------------------------------------------------------------------
+    def _ensure_connection(self) -> None:
+        """PostgreSQL connections die (restarts, failovers): open a new one when needed."""
+        if self.dialect != "postgres" or not (self._db.closed or self._db.broken):
+            return
+        try:
+            self._db.close()
+            self._db = self._connect_postgres()
+        except self._driver_errors as exc:
+            raise StorageError(f"PostgreSQL is unreachable: {exc}") from None
+
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s") if self.dialect == "postgres" else statement
 
@@ -246,6 +275,7 @@ class Storage:
             "metrics", columns, rows, _pg_metric_select(), staged=(*STREAM_KEY, "payload")
         )
 
+    @_guarded
     def migrate(self) -> list[str]:
         """Apply the migrations this database lacks; return their names."""
         applied: list[str] = []
@@ -268,6 +298,7 @@ class Storage:
                 applied.append(name)
         return applied
 
+    @_guarded
     def applied_migrations(self) -> list[str]:
         with self._lock:
             return [r[0] for r in self._execute("SELECT name FROM schema_migrations ORDER BY name")]
@@ -277,6 +308,7 @@ class Storage:
             self._db.close()
 
     # -- writes ------------------------------------------------------------------------------
+    @_guarded
     def store(self, batch: Batch) -> tuple[int, int]:
         """Store a batch in one transaction; returns (stored, duplicates) for metrics+events."""
         with self._lock, self._transaction():
@@ -285,7 +317,8 @@ class Storage:
                 "events", (*STREAM_KEY, "event", "level", "data"), list(batch.events)
             )
             for device_id, fleet, ts, payload, boot, facts in batch.births:
-                self._upsert_seen(device_id, fleet, ts)
+                # Not "seen": a retained birth can be hours old. Metrics set last_seen.
+                self._upsert_seen(device_id, fleet, None)
                 self._execute(
                     "INSERT INTO births (device_id, boot, ts, payload) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING",
@@ -327,6 +360,13 @@ class Storage:
                 )
             for device_id, (fleet, ts) in (batch.seen or {}).items():
                 self._upsert_seen(device_id, fleet, ts)
+                # Reporting again after the watchdog gave up on it: it is alive after all.
+                self._execute(
+                    "UPDATE devices SET status = 'online', status_reason = 'reporting again', "
+                    "status_ts = ? WHERE device_id = ? AND status = 'offline' "
+                    "AND status_reason = 'missed heartbeats'",
+                    (ts, device_id),
+                )
         total = len(batch.metrics) + len(batch.events)
         return stored, total - stored
 
@@ -340,6 +380,7 @@ class Storage:
             (device_id, fleet, ts),
         )
 
+    @_guarded
     def mark_silent_offline(self, cutoff_ts: float) -> list[str]:
         """Devices marked online but not heard from since ``cutoff_ts`` become offline."""
         with self._lock, self._transaction():
@@ -362,6 +403,7 @@ class Storage:
         return [row[0] for row in rows]
 
     # -- reads -------------------------------------------------------------------------------
+    @_guarded
     def devices(self, window_s: float = 300.0) -> list[dict[str, Any]]:
         """Every device with its status, bundle, last seen, and recent p95 and error rate."""
         since = time.time() - window_s
@@ -406,6 +448,7 @@ class Storage:
             devices.append(device)
         return devices
 
+    @_guarded
     def device(self, device_id: str) -> dict[str, Any] | None:
         matches = [d for d in self.devices() if d["device_id"] == device_id]
         if not matches:
@@ -437,6 +480,7 @@ class Storage:
             ]
         return device
 
+    @_guarded
     def metrics(
         self,
         device_id: str,
@@ -460,6 +504,7 @@ class Storage:
             ).fetchall()
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
+    @_guarded
     def stream_keys(self, device_id: str) -> list[tuple[int, int]]:
         """Every stored (boot, seq) of a device's metrics and events, sorted (for tests/audits)."""
         with self._lock:
@@ -470,6 +515,7 @@ class Storage:
             ).fetchall()
         return sorted((int(b), int(s)) for b, s in rows)
 
+    @_guarded
     def metric_totals(self) -> dict[str, dict[str, Any]]:
         """Per device: stored reports, inferences and errors summed over them, latest report.
 

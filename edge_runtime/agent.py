@@ -91,5 +91,11 @@ def run_agent(settings: AgentSettings, stop: threading.Event | None = None) -> i
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT stop the agent cleanly; SIGUSR1 prints every thread's stack to stderr
+    (for a stuck device in the field: ``kill -USR1 <pid>``)."""
+    import faulthandler
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)

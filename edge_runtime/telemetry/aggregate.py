@@ -1,8 +1,8 @@
 """In-process aggregation of inference timings, and the device's vital signs.
 
-``record`` is on the inference hot path: one lock, two appends. Everything else
-(percentiles, the histogram, reading /proc) happens in ``snapshot``, on the telemetry
-thread, every reporting interval.
+``record`` is on the inference hot path: one lock, a few counters, one append (~1 µs).
+Everything else (percentiles, the histogram, reading /proc) happens in ``snapshot``, on
+the telemetry thread, every reporting interval.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ asynchronous work arrive in callbacks. Threads:
 - the reporter, which every ``metrics_interval_s`` turns the in-process aggregates into a
   ``metrics`` message in the outbox.
 
-Inference threads only call ``record`` (a lock and two appends), so telemetry never blocks
-inference, whatever the network does.
+Inference threads only call ``record`` (a lock, a few counters, one append), so telemetry
+never blocks inference, whatever the network does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .. import __version__
 from ..settings import MqttSettings
@@ -54,6 +54,11 @@ class TelemetrySettings(MqttSettings):
     outbox_max_age_h: float = Field(168.0, gt=0, description="messages older than this are dropped")
     window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight")
 
+    @field_validator("fleet", "device_id")
+    @classmethod
+    def _topic_safe(cls, value: str, info) -> str:
+        return check_name(value, info.field_name.replace("_", " "))
+
     def resolved_state_dir(self) -> Path:
         return self.state_dir or default_state_root() / self.device_id
 
@@ -78,11 +83,13 @@ class TelemetryClient:
         self._stopping = threading.Event()
         self._reporting_done = threading.Event()
         self._wake = threading.Event()
-        self._acked_mids: collections.deque[int] = collections.deque()
+        self._acked_mids: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self._last_refusal = ""
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (outbox id, sent at)
         self._last_sent_id = 0
         self._threads: list[threading.Thread] = []
         self._last_error: str | None = None
+        self._last_connect_warning = -1e9
         self.publish_failures = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -124,6 +131,7 @@ class TelemetryClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_connect_fail = self._on_connect_fail
         self._client = client
         client.connect_async(host, port, keepalive=s.keepalive_s)
         client.loop_start()
@@ -244,12 +252,33 @@ class TelemetryClient:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("MQTT broker refused the connection: %s", reason_code)
+            hint = (
+                " (use --mqtt-version 3.1.1 for a broker without MQTT 5)"
+                if "protocol" in str(reason_code).lower()
+                else ""
+            )
+            log.warning("MQTT broker refused the connection: %s%s", reason_code, hint)
             return
         client.publish(self._topic(Kind.STATUS), self._status("online", "connected"), 1, True)
         self._publish_birth()
         self.connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        now = time.monotonic()
+        if now - self._last_connect_warning >= 60:  # keep trying, but say so once a minute
+            self._last_connect_warning = now
+            hint = (
+                " If the broker is up but drops the connection, it may speak only MQTT "
+                "3.1.1 (e.g. edge-collector --embedded-broker): use --mqtt-version 3.1.1."
+                if self.settings.mqtt_version == "5"
+                else ""
+            )
+            log.warning(
+                "cannot connect to %s; the outbox keeps everything meanwhile.%s",
+                self.settings.broker,
+                hint,
+            )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set():
@@ -258,7 +287,9 @@ class TelemetryClient:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         # Runs on paho's thread, possibly while paho holds its own locks: only hand over.
-        self._acked_mids.append(mid)
+        self._acked_mids.append(
+            (mid, bool(getattr(reason_code, "is_failure", False)), str(reason_code))
+        )
         self._wake.set()
 
     def _publisher(self) -> None:
@@ -275,12 +306,28 @@ class TelemetryClient:
                 time.sleep(0.5)
 
     def _settle_acks(self) -> None:
-        ids = []
+        delivered, refused = [], []
         while self._acked_mids:
-            entry = self._inflight.pop(self._acked_mids.popleft(), None)
-            if entry is not None:
-                ids.append(entry[0])
-        self._outbox.ack(ids)
+            mid, failed, reason = self._acked_mids.popleft()
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                continue
+            if failed:
+                refused.append(entry[0])
+                self._last_refusal = reason
+            else:
+                delivered.append(entry[0])
+        self._outbox.ack(delivered)
+        if refused:
+            # The broker answered but refused (e.g. an ACL says "Not authorized"): resending
+            # cannot help, so the message is dropped, counted, and said out loud.
+            self._outbox.ack(refused, dropped=True)
+            log.warning(
+                "broker refused %d message(s): %s; check the broker's ACL for %s",
+                len(refused),
+                self._last_refusal,
+                self._topic(Kind.METRICS),
+            )
 
     def _send_more(self) -> None:
         room = self.settings.window - len(self._inflight)

@@ -140,8 +140,8 @@ class Outbox:
             ).fetchall()
         return [OutboxMessage(row[0], row[1], bytes(row[2])) for row in rows]
 
-    def ack(self, ids: list[int]) -> None:
-        """Delete delivered messages (their PUBACK arrived)."""
+    def ack(self, ids: list[int], dropped: bool = False) -> None:
+        """Delete delivered messages (their PUBACK arrived); ``dropped`` counts them as lost."""
         if not ids:
             return
         with self._lock:
@@ -154,6 +154,8 @@ class Outbox:
                 ).fetchall():
                     self._bytes -= size
                     self._depth -= 1
+            if dropped:
+                self._add("dropped", len(ids))
             self._db.execute("COMMIT")
 
     def depth(self) -> int:

@@ -78,7 +78,14 @@ def start_agent(
 
 def stop_agent(process: subprocess.Popen) -> str:
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=30)
+    try:
+        output, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # the agent prints every thread's stack
+        time.sleep(1)
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"the agent did not stop on SIGTERM:\n{output[-6000:]}") from None
     return output
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 
 import psycopg
@@ -142,7 +141,7 @@ def test_a_failing_migration_leaves_nothing_behind(db_url, monkeypatch):
         "MIGRATIONS",
         [*storage_module.MIGRATIONS, ("0002_broken", lambda d: broken)],
     )
-    with pytest.raises((sqlite3.Error, psycopg.Error)):
+    with pytest.raises(StorageError, match="devices"):
         Storage(db_url)
     monkeypatch.setattr(
         storage_module,
@@ -434,3 +433,38 @@ def test_missing_messages_counts_gaps_in_seq(storage, keys, messages, missing):
     device = storage.device("pi-1")
 
     assert (device["messages"], device["missing_messages"]) == (messages, missing)
+
+
+def test_a_lost_postgres_connection_is_reopened(db_url):
+    if not db_url.startswith("postgresql"):
+        pytest.skip("connection loss is a PostgreSQL matter")
+    storage = Storage(db_url)
+    pid = storage._db.info.backend_pid
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with pytest.raises(StorageError):  # the first call finds the connection dead
+        storage.store(stream(metric("pi-1", 1, 1, time.time(), inferences=1)))
+    stored, _ = storage.store(stream(metric("pi-1", 1, 1, time.time(), inferences=1)))
+
+    assert stored == 1
+    assert storage._db.info.backend_pid != pid
+    storage.close()
+
+
+def test_a_device_the_watchdog_gave_up_on_comes_back_when_it_reports(storage):
+    now = time.time()
+    storage.store(Batch(statuses=[status("pi-1", "online", 1, now - 100)]))
+    storage.store(stream(metric("pi-1", 1, 1, now - 100)))
+    assert storage.mark_silent_offline(now - 50) == ["pi-1"]
+
+    storage.store(stream(metric("pi-1", 1, 2, now)))
+
+    device = storage.device("pi-1")
+    assert (device["status"], device["status_reason"]) == ("online", "reporting again")
+
+
+def test_a_retained_birth_does_not_count_as_hearing_from_the_device(storage):
+    storage.store(Batch(births=[birth("pi-1", 1, time.time() - 3600)]))
+
+    assert storage.device("pi-1")["last_seen"] is None

@@ -384,10 +384,9 @@ def test_a_killed_device_leaves_its_will(listener, mosquitto, state_dir):
     ],
 )
 def test_an_invalid_fleet_or_device_id_is_rejected_at_construction(tmp_path, fleet, device_id):
-    settings = TelemetrySettings(fleet=fleet, device_id=device_id, state_dir=tmp_path)
-
+    # The settings refuse it (a one-line settings error at the CLI), before any client.
     with pytest.raises(ValueError, match="is not a valid name"):
-        TelemetryClient(settings)
+        TelemetrySettings(fleet=fleet, device_id=device_id, state_dir=tmp_path)
 
 
 def test_events_before_start_are_a_programming_error(tmp_path):
@@ -452,3 +451,29 @@ def test_selftest_reports_an_event(runtime, listener):
     assert selftest["data"]["vectors"] == report.vectors == runtime.manifest.selftest.count
     assert selftest["data"]["max_abs_error"] == pytest.approx(report.max_abs_error)
     assert selftest["data"]["failures"] == []
+
+
+def test_messages_the_broker_refuses_are_counted_as_dropped(tmp_path):
+    from tests.brokers import Mosquitto
+
+    acl = tmp_path / "acl"
+    # Anonymous clients may announce themselves but not publish events.
+    acl.write_text(
+        "topic readwrite edgepack/v1/+/+/status\ntopic readwrite edgepack/v1/+/+/birth\n"
+    )
+    broker = Mosquitto(tmp_path / "acl-broker", extra_config=f"acl_file {acl}\n").start()
+    settings = TelemetrySettings(
+        broker=broker.url, fleet="f", device_id="d1", state_dir=tmp_path / "device"
+    )
+    client = TelemetryClient(settings).start()
+    try:
+        wait_until(client.connected.is_set)
+        for _ in range(3):
+            client.event("probe")
+        wait_until(lambda: client._outbox.depth() == 0)
+        dropped = client._outbox.dropped
+    finally:
+        client.stop(flush_timeout_s=0.5)
+        broker.stop()
+
+    assert dropped == 3

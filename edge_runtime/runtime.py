@@ -125,6 +125,11 @@ class Runtime:
         return self._verified.manifest
 
     @property
+    def backend(self) -> Backend:
+        """The loaded backend; ``runtime.backend.engine`` is the engine object itself."""
+        return self._backend
+
+    @property
     def signed_by(self) -> str:
         """Key id (sha256 prefix) of the key that signed the bundle."""
         return self._verified.key_id

@@ -51,6 +51,12 @@ class Backend(ABC):
         """Facts about the loaded engine (e.g. the providers actually in use)."""
         return {}
 
+    @property
+    def engine(self) -> Any:
+        """The engine object itself (e.g. the ``onnxruntime.InferenceSession``), for callers
+        that need what the facade does not offer; None before ``load``."""
+        return None
+
     def __enter__(self) -> Backend:
         return self
 

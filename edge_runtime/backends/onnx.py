@@ -76,5 +76,9 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._session = None
 
+    @property
+    def engine(self):
+        return self._session
+
     def info(self) -> dict[str, Any]:
         return {"providers": self._session.get_providers() if self._session else []}

@@ -19,6 +19,7 @@ from .manifest import Manifest, TensorSpec
 from .selftest import SelfTestReport, run_selftest
 
 log = logging.getLogger(__name__)
+_clock = time.perf_counter
 
 
 class TelemetryHook(Protocol):
@@ -148,17 +149,18 @@ class Runtime:
             InputSignatureError: a missing or extra name, or a wrong dtype, rank or shape;
                 the message names the expected signature.
         """
-        if self._telemetry is None:
+        telemetry = self._telemetry
+        if telemetry is None:
             check_inputs(self.manifest.inputs, inputs)
             return self._backend.run(dict(inputs))
-        started = time.perf_counter()
+        started = _clock()
         try:
             check_inputs(self.manifest.inputs, inputs)
             outputs = self._backend.run(dict(inputs))
         except Exception as exc:
-            self._telemetry.record(time.perf_counter() - started, False, error=f"{exc}"[:500])
+            telemetry.record(_clock() - started, False, error=f"{exc}"[:500])
             raise
-        self._telemetry.record(time.perf_counter() - started)
+        telemetry.record(_clock() - started)
         return outputs
 
     def selftest(self) -> SelfTestReport:

@@ -49,6 +49,8 @@ client.loop_start()
 for i in range(count):
     payload = {"schema": 1, "ts": time.time(), "boot": 1, "seq": i // devices + 1, **body}
     info = client.publish(f"edgepack/v1/bench/dev{i % devices}/metrics", json.dumps(payload), 1)
+    if i % 10000 == 9999:  # paho has 65535 message ids: keep fewer than that outstanding
+        info.wait_for_publish(300)
 info.wait_for_publish(300)
 client.loop_stop()
 """

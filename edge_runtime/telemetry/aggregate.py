@@ -34,32 +34,41 @@ class InferenceStats:
         self._reset()
 
     def _reset(self) -> None:
-        self._latencies_ms: list[float] = []
-        self._count = 0
+        self._latencies_s: list[float] = []
+        self._unsampled = 0  # inferences beyond MAX_SAMPLES: counted, not timed
         self._errors = 0
         self._tokens = 0
         self._token_seconds = 0.0
         self._since = time.monotonic()
 
     def record(self, seconds: float, ok: bool = True, tokens: int = 0) -> None:
-        """Record one inference (cheap; safe from any thread)."""
-        with self._lock:
-            self._count += 1
-            if not ok:
-                self._errors += 1
-            if tokens:
+        """Record one inference (cheap; safe from any thread).
+
+        The common case (success, no tokens) takes no lock: ``list.append`` is atomic
+        under the GIL, and the count is the list's length. A sample racing with
+        ``snapshot`` can land in the interval just closed; no lock is worth that on the
+        hot path of a model that answers in microseconds.
+        """
+        latencies = self._latencies_s
+        if len(latencies) < MAX_SAMPLES:
+            latencies.append(seconds)
+        else:
+            with self._lock:
+                self._unsampled += 1
+        if not ok or tokens:
+            with self._lock:
+                self._errors += not ok
                 self._tokens += tokens
-                self._token_seconds += seconds
-            if len(self._latencies_ms) < MAX_SAMPLES:
-                self._latencies_ms.append(seconds * 1000.0)
+                self._token_seconds += seconds if tokens else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """Figures since the last snapshot, and start a new interval."""
         with self._lock:
-            latencies, count, errors = self._latencies_ms, self._count, self._errors
+            latencies, unsampled, errors = self._latencies_s, self._unsampled, self._errors
             tokens, token_seconds, since = self._tokens, self._token_seconds, self._since
             self._reset()
-        latencies.sort()
+        count = len(latencies) + unsampled
+        latencies = sorted(value * 1000.0 for value in latencies)
         counts = [0] * (len(BUCKETS_MS) + 1)
         for value in latencies:
             counts[bisect_left(BUCKETS_MS, value)] += 1

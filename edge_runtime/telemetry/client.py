@@ -182,9 +182,9 @@ class TelemetryClient:
     # -- the hook a Runtime calls -------------------------------------------------------
     def record(self, seconds: float, ok: bool = True, tokens: int = 0, error: str | None = None):
         """One inference happened (called on the inference thread: must stay cheap)."""
-        self.stats.record(seconds, ok, tokens)
         if error is not None:
             self._last_error = error
+        self.stats.record(seconds, ok, tokens)
 
     def bundle_loaded(self, facts: dict[str, Any], signed_by: str) -> None:
         """The runtime loaded a bundle: remember it for ``birth`` and send an event."""

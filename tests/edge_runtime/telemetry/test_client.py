@@ -463,7 +463,11 @@ def test_messages_the_broker_refuses_are_counted_as_dropped(tmp_path):
     )
     broker = Mosquitto(tmp_path / "acl-broker", extra_config=f"acl_file {acl}\n").start()
     settings = TelemetrySettings(
-        broker=broker.url, fleet="f", device_id="d1", state_dir=tmp_path / "device"
+        broker=broker.url,
+        fleet="f",
+        device_id="d1",
+        state_dir=tmp_path / "device",
+        metrics_interval_s=3600,  # only the three events below reach the broker
     )
     client = TelemetryClient(settings).start()
     try:

@@ -51,6 +51,15 @@ class RawMessage:
     retained: bool = False
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A parsed batch waiting to be stored, with what parsing counted."""
+
+    batch: Batch
+    received: int
+    rejected: collections.Counter
+
+
 class Rejected(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -110,6 +119,12 @@ class Ingestor:
 
     def ingest(self, messages: list[RawMessage]) -> Batch:
         """Parse and store ``messages`` in one transaction; count everything."""
+        prepared = self.prepare(messages)
+        self.commit(prepared)
+        return prepared.batch
+
+    def prepare(self, messages: list[RawMessage]) -> Prepared:
+        """Parse and validate ``messages`` into a Batch (no database work)."""
         metrics, events, births, statuses = [], [], [], []
         seen: dict[str, tuple[str, float]] = {}
         rejected: collections.Counter = collections.Counter()
@@ -169,17 +184,24 @@ class Ingestor:
                 last = seen.get(device)
                 if last is None or last[1] < message.received:
                     seen[device] = (fleet, message.received)
-        batch = Batch(metrics, events, births, statuses, seen)
+        return Prepared(Batch(metrics, events, births, statuses, seen), len(messages), rejected)
+
+    def commit(self, prepared: Prepared) -> None:
+        """Store a prepared batch in one transaction and count it.
+
+        Raises:
+            StorageError: the database failed; nothing was counted, retry the same batch.
+        """
+        batch = prepared.batch
         stored, duplicates = self.storage.store(batch)
         with self.stats.lock:
-            self.stats.received += len(messages)
+            self.stats.received += prepared.received
             self.stats.stored += stored
             self.stats.duplicates += duplicates
-            self.stats.births += len(births)
-            self.stats.statuses += len(statuses)
-            self.stats.rejected.update(rejected)
+            self.stats.births += len(batch.births)
+            self.stats.statuses += len(batch.statuses)
+            self.stats.rejected.update(prepared.rejected)
             self.stats.batches += 1
-        return batch
 
     def _log_rejection(self, exc: Rejected) -> None:
         now = time.monotonic()

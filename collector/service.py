@@ -81,7 +81,8 @@ class Collector:
             version=5 if s.mqtt_version == "5" else 4,
             keepalive=s.keepalive_s,
             session_expiry=s.session_expiry_s,
-            receive_maximum=min(65535, max(s.batch_size, 100)),
+            # Several batches in flight: the broker keeps sending while a batch is stored.
+            receive_maximum=min(65535, max(4 * s.batch_size, 100)),
             username=s.username,
             password=s.password.get_secret_value() if s.password else None,
             tls=context,

@@ -45,24 +45,36 @@ STREAM_KEY = ("device_id", "boot", "seq", "ts", "received")
 
 
 def metric_row(device: str, model, received: float, text: str) -> tuple:
-    """A full metrics row, the columns picked out of a validated MetricsPayload in Python."""
-    values = []
-    for section, key in METRIC_PATHS.values():
-        holder = getattr(model, section) if section else model
-        values.append(holder.get(key) if isinstance(holder, dict) else getattr(holder, key))
-    return (device, model.boot, model.seq, model.ts, received, *values, text)
+    """A full metrics row from a validated MetricsPayload, in METRIC_PATHS order.
 
-
-def _pg_metric_select() -> str:
-    """PostgreSQL picks the columns out of the JSON itself (in C, from one jsonb parse)."""
-    picks = []
-    for column, (section, key) in METRIC_PATHS.items():
-        path = f"j->'{section}'->>'{key}'" if section else f"j->>'{key}'"
-        kind = "bigint" if column in INTEGER_METRICS else "double precision"
-        picks.append(f"({path})::{kind}")
+    Spelled out rather than looped over METRIC_PATHS: this runs for every message, and
+    the generic version cost a third of the collector's time per message.
+    """
+    latency, process, system, outbox = model.latency, model.process, model.system, model.outbox
     return (
-        f"SELECT {', '.join(STREAM_KEY)}, {', '.join(picks)}, payload "
-        "FROM (SELECT *, payload::jsonb AS j FROM metrics_stage) AS staged"
+        device,
+        model.boot,
+        model.seq,
+        model.ts,
+        received,
+        model.interval_s,
+        model.inferences,
+        model.errors,
+        latency.p50_ms,
+        latency.p95_ms,
+        latency.p99_ms,
+        latency.max_ms,
+        latency.mean_ms,
+        model.tokens_per_s,
+        process.get("cpu_percent"),
+        process.get("rss_mb"),
+        system.get("mem_available_mb"),
+        system.get("temperature_c"),
+        system.get("disk_free_mb"),
+        system.get("uptime_s"),
+        outbox.get("depth"),
+        outbox.get("dropped"),
+        text,
     )
 
 
@@ -136,6 +148,16 @@ class Batch:
     births: list[tuple] = ()
     statuses: list[tuple] = ()  # (device_id, fleet, ts, state, boot, reason, received)
     seen: dict[str, tuple[str, float]] | None = None  # device -> (fleet, last ts)
+
+
+# A device row exists once anything arrives; last_seen only moves forward.
+_UPSERT_SEEN = (
+    "INSERT INTO devices (device_id, fleet, last_seen) VALUES (?, ?, ?) "
+    "ON CONFLICT (device_id) DO UPDATE SET fleet = excluded.fleet, last_seen = "
+    "CASE WHEN excluded.last_seen IS NULL THEN devices.last_seen "
+    "WHEN devices.last_seen IS NULL OR devices.last_seen < excluded.last_seen "
+    "THEN excluded.last_seen ELSE devices.last_seen END"
+)
 
 
 def _guarded(method):
@@ -233,47 +255,31 @@ class Storage:
             return self._executemany(
                 f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows
             )
-        return self._copy_new(table, columns, rows, f"SELECT {names} FROM {table}_stage")
+        return self._copy_new(table, columns, rows)
 
-    def _copy_new(
-        self,
-        table: str,
-        columns: tuple[str, ...],
-        rows: list[tuple],
-        select: str,
-        staged: tuple[str, ...] | None = None,
-    ) -> int:
+    def _copy_new(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> int:
         """PostgreSQL: COPY into a per-transaction staging table, then one INSERT ... SELECT.
 
         Several times faster than row-by-row inserts, even pipelined.
         """
-        stage = f"{table}_stage"
+        stage, names = f"{table}_stage", ", ".join(columns)
         self._db.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
             f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         cursor = self._db.cursor()
-        with cursor.copy(f"COPY {stage} ({', '.join(staged or columns)}) FROM STDIN") as copy:
+        with cursor.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         cursor.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) {select} ON CONFLICT DO NOTHING"
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT DO NOTHING"
         )
         return max(cursor.rowcount, 0)
 
     def _insert_metrics(self, metrics: list[tuple]) -> int:
         """``metrics``: (device, MetricsPayload, received, raw JSON text) per message."""
-        if not metrics:
-            return 0
         columns = (*STREAM_KEY, *METRIC_COLUMNS, "payload")
-        if self.dialect == "sqlite":
-            return self._insert_new("metrics", columns, [metric_row(*m) for m in metrics])
-        rows = [
-            (device, m.boot, m.seq, m.ts, received, text) for device, m, received, text in metrics
-        ]
-        return self._copy_new(
-            "metrics", columns, rows, _pg_metric_select(), staged=(*STREAM_KEY, "payload")
-        )
+        return self._insert_new("metrics", columns, [metric_row(*m) for m in metrics])
 
     @_guarded
     def migrate(self) -> list[str]:
@@ -358,27 +364,20 @@ class Storage:
                     "(boot = ? AND (status_ts IS NULL OR status_ts <= ?)))",
                     (state, reason, received, boot, device_id, boot, boot, received),
                 )
-            for device_id, (fleet, ts) in (batch.seen or {}).items():
-                self._upsert_seen(device_id, fleet, ts)
-                # Reporting again after the watchdog gave up on it: it is alive after all.
-                self._execute(
-                    "UPDATE devices SET status = 'online', status_reason = 'reporting again', "
-                    "status_ts = ? WHERE device_id = ? AND status = 'offline' "
-                    "AND status_reason = 'missed heartbeats'",
-                    (ts, device_id),
-                )
+            seen = [(device_id, fleet, ts) for device_id, (fleet, ts) in (batch.seen or {}).items()]
+            self._executemany(_UPSERT_SEEN, seen)
+            # Reporting again after the watchdog gave up on it: it is alive after all.
+            self._executemany(
+                "UPDATE devices SET status = 'online', status_reason = 'reporting again', "
+                "status_ts = ? WHERE device_id = ? AND status = 'offline' "
+                "AND status_reason = 'missed heartbeats'",
+                [(ts, device_id) for device_id, _, ts in seen],
+            )
         total = len(batch.metrics) + len(batch.events)
         return stored, total - stored
 
     def _upsert_seen(self, device_id: str, fleet: str, ts: float | None) -> None:
-        self._execute(
-            "INSERT INTO devices (device_id, fleet, last_seen) VALUES (?, ?, ?) "
-            "ON CONFLICT (device_id) DO UPDATE SET fleet = excluded.fleet, last_seen = "
-            "CASE WHEN excluded.last_seen IS NULL THEN devices.last_seen "
-            "WHEN devices.last_seen IS NULL OR devices.last_seen < excluded.last_seen "
-            "THEN excluded.last_seen ELSE devices.last_seen END",
-            (device_id, fleet, ts),
-        )
+        self._execute(_UPSERT_SEEN, (device_id, fleet, ts))
 
     @_guarded
     def mark_silent_offline(self, cutoff_ts: float) -> list[str]:

@@ -210,13 +210,18 @@ class Subscriber:
         if not codes or codes[0] >= 0x80:
             raise MqttError(f"broker refused subscription {topic_filter!r}: {codes.hex()}")
 
-    def read(self, max_messages: int, timeout: float) -> list[Publish]:
-        """Up to ``max_messages`` PUBLISH packets; waits at most ``timeout`` for the first."""
+    def read(self, max_messages: int, timeout: float, linger: float = 0.002) -> list[Publish]:
+        """Up to ``max_messages`` PUBLISH packets; waits at most ``timeout`` for the first.
+
+        Once some have arrived, it keeps reading while more come within ``linger``: a
+        stream fills whole batches (one transaction and one PUBACK write each), a trickle
+        is stored at once.
+        """
         messages: list[Publish] = []
         deadline = time.monotonic() + timeout
         while len(messages) < max_messages:
             if not self._queued:
-                wait = 0.0 if messages else max(0.0, deadline - time.monotonic())
+                wait = linger if messages else max(0.0, deadline - time.monotonic())
                 if not self._fill(wait):
                     break
             while self._queued and len(messages) < max_messages:

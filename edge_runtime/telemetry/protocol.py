@@ -9,6 +9,7 @@ See docs/telemetry.md.
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import Enum
 from typing import Any, Literal
@@ -48,6 +49,7 @@ def fleet_filter(fleet: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/+/+"
 
 
+@functools.lru_cache(maxsize=65536)  # a fleet's topics repeat: parse each once
 def parse_topic(name: str) -> tuple[str, str, Kind] | None:
     """``(fleet, device, kind)`` of a telemetry topic, or None if it is not one."""
     parts = name.split("/")

@@ -468,3 +468,16 @@ def test_a_retained_birth_does_not_count_as_hearing_from_the_device(storage):
     storage.store(Batch(births=[birth("pi-1", 1, time.time() - 3600)]))
 
     assert storage.device("pi-1")["last_seen"] is None
+
+
+def test_metric_row_follows_metric_paths():
+    figures = {name: float(index + 1) for index, name in enumerate(METRIC_COLUMNS)}
+    for name in ("inferences", "errors", "outbox_depth", "outbox_dropped"):
+        figures[name] = int(figures[name])
+    device, model, received, text = metric("pi-1", 1, 7, 1000.0, **figures)
+
+    row = storage_module.metric_row(device, model, received, text)
+
+    assert row[:5] == ("pi-1", 1, 7, 1000.0, 1000.01)
+    assert row[5:-1] == tuple(figures[name] for name in METRIC_COLUMNS)
+    assert row[-1] == text

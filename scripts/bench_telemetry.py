@@ -196,8 +196,12 @@ def throughput_ratio(
     with Runtime.open(bundle, pub, threads=1) as runtime:
         inputs, _ = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
         sample = {name: np.ascontiguousarray(value[:1]) for name, value in inputs.items()}
+        started = time.perf_counter()
         for _ in range(50):
             runtime.run(sample)
+        # Blocks of about 0.3 s whatever the model's speed: a 30 µs model needs thousands
+        # of calls per block before scheduler noise averages out.
+        calls = max(calls, int(0.3 / ((time.perf_counter() - started) / 50)))
         ratios, rates = [], {"off": [], "on": []}
         for index in range(rounds):
             measured = {}
@@ -317,7 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                     "PASS" if ratio >= 0.99 else "MISS",
                 ]
             )
-            rows.append([f"{name} inferences/s (on, off)", f"{on:,.0f}, {off:,.0f}", "-", "info"])
+            per_call_us = (1 / on - 1 / off) * 1e6
+            rows.append(
+                [
+                    f"{name} inferences/s (on, off); telemetry cost per call",
+                    f"{on:,.0f}, {off:,.0f}; {per_call_us:+.2f} µs",
+                    "-",
+                    "info",
+                ]
+            )
         broker.stop()
 
     table = Table("Figure", "Measured", "Goal", "Result", title="telemetry")
@@ -331,12 +343,25 @@ def main(argv: list[str] | None = None) -> int:
         f"Written by `scripts/bench_telemetry.py` on {host_line()}.",
         f"Backlog {backlog:,} metrics messages (~0.9 kB each, 20 devices), drained from a "
         "private Mosquitto; the broker, publisher and collector share this machine's cores. "
-        f"Throughput: {rounds} interleaved rounds x {calls} calls, 1 thread, median ratio. "
+        f"Throughput: {rounds} interleaved rounds of >= {calls} calls (about 0.3 s per block), "
+        "1 thread, one runtime with telemetry attached and detached, median ratio. "
         f"Reproduce: `{command}`.",
         "",
         "| Figure | Measured | Goal | Result |",
         "|---|---|---|---|",
         *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        "How to read it:",
+        "",
+        "- The collector reads MQTT with its own lean subscriber (collector/wire.py): one "
+        "read per chunk, one PUBACK write per stored batch. The bare paho-mqtt row drains the "
+        "same backlog without parsing or storing anything, for scale.",
+        "- On this 2-core machine the broker, the collector and PostgreSQL's server process "
+        "share the cores; PostgreSQL's own per-row work (WAL, index, conflict check) is what "
+        "separates its figure from SQLite's, in-process.",
+        "- The telemetry hook costs two clock reads and a list append per inference. "
+        "Against a model that answers in tens of microseconds that is a few percent; against "
+        "a model of a millisecond or more it disappears in the noise (MiniLM row).",
     ]
     if not args.no_write:
         write_section("bench_telemetry", "\n".join(lines))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge_runtime.cli_support import run_cli
+from edge_runtime.cli_support import mqtt_options, run_cli
 from edge_runtime.errors import EdgeRuntimeError
 
 from .errors import CollectorError
@@ -50,12 +50,7 @@ def cli(verbose: bool) -> None:
     default=None,
     help="Start an in-process MQTT 3.1.1 broker (amqtt) on --broker's address.",
 )
-@click.option("--username", help="MQTT user name.")
-@click.option("--password", help="MQTT password (prefer EDGE_COLLECTOR_PASSWORD).")
-@click.option("--tls-ca", type=click.Path(path_type=Path), help="CA certificate (PEM).")
-@click.option("--tls-cert", type=click.Path(path_type=Path), help="Client certificate (PEM).")
-@click.option("--tls-key", type=click.Path(path_type=Path), help="Client key (PEM).")
-@click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), help="MQTT protocol version.")
+@mqtt_options("EDGE_COLLECTOR_")
 def serve(config_file: Path | None, **flags) -> None:
     """Subscribe to the fleet, store its telemetry, and serve the API and fleet page.
 

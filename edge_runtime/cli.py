@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_support import run_cli
+from .cli_support import mqtt_options, run_cli
 from .errors import EdgeRuntimeError
 
 PUBKEY_HELP = "Ed25519 public key (PEM). Optional when $EDGEPACK_TRUSTED_KEYS names trusted keys."
@@ -183,12 +183,7 @@ def info(
 )
 @click.option("--metrics-interval-s", type=float, help="Seconds between metrics reports.")
 @click.option("--demo-load", type=float, help="Generate RATE requests/s from self-test vectors.")
-@click.option("--username", help="MQTT user name.")
-@click.option("--password", help="MQTT password (prefer EDGE_RUNTIME_PASSWORD).")
-@click.option("--tls-ca", type=click.Path(path_type=Path), help="CA certificate (PEM).")
-@click.option("--tls-cert", type=click.Path(path_type=Path), help="Client certificate (PEM).")
-@click.option("--tls-key", type=click.Path(path_type=Path), help="Client key (PEM).")
-@click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), help="MQTT protocol version.")
+@mqtt_options("EDGE_RUNTIME_")
 @click.option("--threads", type=int, help="Override the profile's thread count.")
 def agent(config_file: Path | None, **flags) -> None:
     """Run BUNDLE and report health and metrics to the fleet over MQTT.

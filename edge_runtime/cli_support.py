@@ -8,6 +8,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -31,3 +32,26 @@ def run_cli(group: click.Group, handled: tuple[type[BaseException], ...]) -> Non
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+def mqtt_options(env_prefix: str):
+    """The broker-connection flags every MQTT program takes (settings: MqttSettings)."""
+    options = [
+        click.option("--username", help="MQTT user name."),
+        click.option("--password", help=f"MQTT password (prefer {env_prefix}PASSWORD)."),
+        click.option("--tls-ca", type=click.Path(path_type=Path), help="CA certificate (PEM)."),
+        click.option(
+            "--tls-cert", type=click.Path(path_type=Path), help="Client certificate (PEM)."
+        ),
+        click.option("--tls-key", type=click.Path(path_type=Path), help="Client key (PEM)."),
+        click.option(
+            "--mqtt-version", type=click.Choice(["5", "3.1.1"]), help="MQTT protocol version."
+        ),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate

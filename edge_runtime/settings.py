@@ -60,6 +60,15 @@ class MqttSettings(BaseModel):
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def describe_validation_error(exc: ValidationError, unknown: str = "unknown key") -> str:
+    """One line naming each bad key by its dotted path (profiles, settings)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: "
+        + (unknown if error["type"] == "extra_forbidden" else error["msg"])
+        for error in exc.errors()
+    )
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SettingsError(f"config file {path} does not exist")
@@ -109,11 +118,7 @@ def load_settings(
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: "
-            + ("unknown setting" if error["type"] == "extra_forbidden" else error["msg"])
-            for error in exc.errors()
-        )
+        problems = describe_validation_error(exc, unknown="unknown setting")
         raise SettingsError(
             f"invalid settings ({problems}); settings come from flags, {env_prefix}* "
             "environment variables, or --config FILE"

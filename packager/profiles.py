@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_runtime.settings import describe_validation_error
+
 from .errors import ProfileError
 
 
@@ -100,11 +102,7 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: "
-            + ("unknown key" if error["type"] == "extra_forbidden" else error["msg"])
-            for error in exc.errors()
-        )
+        problems = describe_validation_error(exc)
         raise ProfileError(f"{source}: invalid profile: {problems}") from None
 
 

@@ -23,7 +23,3 @@ class InputSignatureError(EdgeRuntimeError):
 
 class BackendError(EdgeRuntimeError):
     """The inference engine for the bundle is missing or failed to load."""
-
-
-class SelfTestError(EdgeRuntimeError):
-    """The bundle's self-test vectors did not reproduce on this device."""

@@ -14,7 +14,6 @@ from pydantic import Field
 
 from edge_runtime.manifest import (
     SCHEMA_VERSION,
-    Attempt,
     BackendSpec,
     FileEntry,
     FileRole,
@@ -171,6 +170,3 @@ class Package(Pass):
         return PassOutput(
             ModelArtifact(request.output, "edgepkg", model.precision), {"manifest": manifest}
         )
-
-
-__all__ = ["Attempt", "Package", "PackageRequest", "selftest_tolerance"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 
 from .settings import CollectorSettings
@@ -19,9 +18,10 @@ def run_server(settings: CollectorSettings, stop: threading.Event | None = None)
     from .storage import Storage
 
     if stop is None:
+        from edge_runtime.cli_support import stop_on_signals
+
         stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+        stop_on_signals(stop)
     broker = None
     if settings.embedded_broker:
         host, port, _ = settings.broker_address()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
@@ -88,14 +87,3 @@ def run_agent(settings: AgentSettings, stop: threading.Event | None = None) -> i
         return 0 if report.passed else 1
     finally:
         client.stop()
-
-
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT stop the agent cleanly; SIGUSR1 prints every thread's stack to stderr
-    (for a stuck device in the field: ``kill -USR1 <pid>``)."""
-    import faulthandler
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)

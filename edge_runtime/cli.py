@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_support import mqtt_options, run_cli
+from .cli_support import mqtt_options, run_cli, stop_on_signals
 from .errors import EdgeRuntimeError
 
 PUBKEY_HELP = "Ed25519 public key (PEM). Optional when $EDGEPACK_TRUSTED_KEYS names trusted keys."
@@ -194,13 +194,13 @@ def agent(config_file: Path | None, **flags) -> None:
     """
     import threading
 
-    from .agent import ENV_PREFIX, AgentSettings, install_signal_handlers, run_agent
+    from .agent import ENV_PREFIX, AgentSettings, run_agent
     from .settings import load_settings
 
     settings = load_settings(AgentSettings, ENV_PREFIX, config_file, flags)
     logging.getLogger("edge_runtime").setLevel(logging.INFO)  # an agent narrates its state
     stop = threading.Event()
-    install_signal_handlers(stop)
+    stop_on_signals(stop)
     raise SystemExit(run_agent(settings, stop))
 
 

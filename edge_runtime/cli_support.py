@@ -55,3 +55,24 @@ def mqtt_options(env_prefix: str):
         return command
 
     return decorate
+
+
+def stop_on_signals(stop) -> None:
+    """SIGTERM and SIGINT set ``stop`` (a threading.Event); SIGUSR1 prints every thread's
+    stack to stderr, for a process stuck in the field (``kill -USR1 <pid>``).
+
+    The event is set from a short-lived thread, never in the handler itself: the handler
+    runs on the main thread, which may be inside ``stop.wait()`` holding the event's lock,
+    and setting it there would deadlock.
+    """
+    import faulthandler
+    import signal
+    import threading
+
+    def handler(signum, frame) -> None:
+        threading.Thread(target=stop.set, name="signal-stop", daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)

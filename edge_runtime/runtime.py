@@ -192,14 +192,10 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         """Manifest summary plus what the engine actually uses on this device."""
-        manifest = self.manifest
+        facts = self.bundle_facts()
         return {
-            "name": manifest.name,
-            "version": manifest.version,
-            "bundle_id": manifest.bundle_id,
-            "profile": manifest.target.profile,
-            "backend": manifest.backend.name,
-            "recipe": manifest.model.recipe,
+            "bundle_id": facts.pop("id"),
+            **facts,
             "signed_by": self.signed_by,
             **self._backend.info(),
         }

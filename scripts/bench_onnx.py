@@ -174,20 +174,10 @@ def recorded(manifest, metric: str) -> float | None:
 
 def build(example, profile: str, key: Path, output: Path, measure: bool, note) -> tuple:
     """Run the full ``build_bundle`` for ``profile``; return (result, wall seconds)."""
-    from packager.build import BuildConfig, build_bundle
-    from packager.profiles import load_profile
+    from packager.examples import build_example_bundle
 
-    config = BuildConfig(
-        model=example.model,
-        profile=load_profile(profile),
-        key=key,
-        output=output,
-        calibration=example.calibration,
-        eval=example.eval,
-        measure=measure,
-    )
     started = time.perf_counter()
-    result = build_bundle(config, progress=note)
+    result = build_example_bundle(example, key, output, profile, progress=note, measure=measure)
     return result, time.perf_counter() - started
 
 

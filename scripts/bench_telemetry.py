@@ -222,28 +222,16 @@ def throughput_ratio(
 
 
 def build_bundles(folder: Path) -> dict[str, tuple[Path, Path]]:
-    from packager.build import BuildConfig, build_bundle
-    from packager.examples import make_example, source_fingerprint
+    """The digits CNN and MiniLM, packaged for x86-64-avx2 (the example-model cache)."""
+    from packager.examples import build_example_bundle, make_example, source_fingerprint
     from packager.keys import generate_keypair
-    from packager.profiles import load_profile
 
     key, pub = generate_keypair(folder / "keys")
     cache = REPO / ".cache" / "test-models" / source_fingerprint()
     bundles = {}
     for name, example in (("digits CNN int8", "digits-cnn"), ("MiniLM int8", "minilm")):
-        made = make_example(example, cache)
         output = folder / f"{example}.edgepkg"
-        build_bundle(
-            BuildConfig(
-                model=made.model,
-                profile=load_profile("x86-64-avx2"),
-                key=key,
-                output=output,
-                calibration=made.calibration,
-                eval=made.eval,
-                measure=False,
-            )
-        )
+        build_example_bundle(make_example(example, cache), key, output, "x86-64-avx2")
         bundles[name] = (output, pub)
     return bundles
 

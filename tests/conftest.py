@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from packager.build import BuildConfig, build_bundle
-from packager.examples import ExampleModel, make_example, source_fingerprint
+from packager.examples import (
+    ExampleModel,
+    build_example_bundle,
+    make_example,
+    source_fingerprint,
+)
 from packager.keys import generate_keypair
-from packager.profiles import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,17 +66,7 @@ def other_keypair(tmp_path_factory) -> tuple[Path, Path]:
 
 def build_example(example: ExampleModel, key: Path, output: Path, profile: str, **options):
     """Build ``example`` for ``profile`` (no host measurement unless asked)."""
-    config = BuildConfig(
-        model=example.model,
-        profile=load_profile(profile),
-        key=key,
-        output=output,
-        calibration=example.calibration,
-        eval=example.eval,
-        measure=options.pop("measure", False),
-        **options,
-    )
-    return build_bundle(config)
+    return build_example_bundle(example, key, output, profile, **options)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,29 @@ def make_example(name: str, out_dir: Path) -> ExampleModel:
     raise PackagerError(f"unknown example {name!r}; known examples: {', '.join(EXAMPLES)}")
 
 
+def build_example_bundle(
+    example: ExampleModel, key: Path, output: Path, profile: str, progress=None, **options
+):
+    """Package an example for a shipped ``profile`` (its calibration and eval data included).
+
+    ``options`` are further BuildConfig fields (``measure`` defaults to False here).
+    """
+    from ..build import BuildConfig, build_bundle
+    from ..profiles import load_profile
+
+    config = BuildConfig(
+        model=example.model,
+        profile=load_profile(profile),
+        key=key,
+        output=output,
+        calibration=example.calibration,
+        eval=example.eval,
+        measure=options.pop("measure", False),
+        **options,
+    )
+    return build_bundle(config, progress) if progress else build_bundle(config)
+
+
 def source_fingerprint() -> str:
     """Hash of the example sources, so caches rebuild when the recipe changes."""
     digest = hashlib.sha256()

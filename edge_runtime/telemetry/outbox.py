@@ -159,8 +159,9 @@ class Outbox:
             self._db.execute("COMMIT")
 
     def depth(self) -> int:
-        """Messages waiting for their PUBACK."""
-        return self._depth
+        """Messages waiting for their PUBACK (never a count from halfway through an ack)."""
+        with self._lock:
+            return self._depth
 
     def close(self) -> None:
         with self._lock:

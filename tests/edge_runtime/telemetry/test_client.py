@@ -465,7 +465,9 @@ def test_messages_the_broker_refuses_are_counted_as_dropped(tmp_path):
     settings = TelemetrySettings(
         broker=broker.url,
         fleet="f",
-        device_id="d1",
+        # A fresh id: a client left reconnecting by another test to a port the OS has
+        # since handed to this broker must not fight this one for its session.
+        device_id=f"acl-{uuid.uuid4().hex[:8]}",
         state_dir=tmp_path / "device",
         metrics_interval_s=3600,  # only the three events below reach the broker
     )

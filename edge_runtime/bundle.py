@@ -135,6 +135,12 @@ def verify_bundle(path: Path, pubkey: Path | None = None) -> VerifiedBundle:
     )
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (models can be gigabytes)."""
+    with open(path, "rb") as handle:
+        return _hash_stream(handle)
+
+
 def _hash_stream(handle) -> str:
     digest = hashlib.sha256()
     while chunk := handle.read(_CHUNK):

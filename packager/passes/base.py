@@ -8,7 +8,6 @@ profile/pass pair is refused before anything runs.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_runtime.bundle import sha256_file
 
 from ..errors import IncompatiblePassError, PackagerError
 from ..profiles import DeviceProfile
@@ -137,7 +138,7 @@ class Pass(ABC):
         seconds = time.perf_counter() - started
         digest = None
         if output.artifact.path != model.path and output.artifact.path.is_file():
-            digest = hashlib.sha256(output.artifact.path.read_bytes()).hexdigest()
+            digest = sha256_file(output.artifact.path)
         record = PassRecord(self.name, self.config.model_dump(mode="json"), seconds, digest)
         return output, record
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import uuid
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from edge_runtime.bundle import sha256_file
 from edge_runtime.manifest import (
     SCHEMA_VERSION,
     BackendSpec,
@@ -81,14 +81,6 @@ def selftest_tolerance(metrics: dict[str, float]) -> tuple[float, float]:
     return atol, round(min_cosine, 9)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class PackageConfig(PassConfig):
     selftest_vectors: int = Field(
         4, ge=1, le=64, description="eval samples kept as self-test vectors"
@@ -114,11 +106,13 @@ class Package(Pass):
         sources = {MODEL_MEMBER: model.path, SELFTEST_MEMBER: vectors_path}
         roles = {MODEL_MEMBER: FileRole.MODEL, SELFTEST_MEMBER: FileRole.SELFTEST}
         files = [
-            FileEntry(path=name, sha256=_sha256(path), size=path.stat().st_size, role=roles[name])
+            FileEntry(
+                path=name, sha256=sha256_file(path), size=path.stat().st_size, role=roles[name]
+            )
             for name, path in sorted(sources.items())
         ]
         profile = ctx.profile
-        model_digest = files[0].sha256 if files[0].path == MODEL_MEMBER else _sha256(model.path)
+        model_digest = next(entry.sha256 for entry in files if entry.path == MODEL_MEMBER)
         atol, min_cosine = selftest_tolerance(request.chosen_metrics)
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,

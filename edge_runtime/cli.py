@@ -123,11 +123,17 @@ def selftest(
         verdict = click.style(
             "PASS" if report.passed else "FAIL", fg="green" if report.passed else "red"
         )
-        click.echo(
-            f"self-test {verdict}: {report.vectors} vectors, max abs error "
-            f"{report.max_abs_error:.3g} (allowed {report.atol:.3g}), min cosine "
-            f"{report.min_cosine:.6f} (needs {report.required_cosine:.6f})"
-        )
+        if report.expected_tokens is not None:
+            click.echo(
+                f"self-test {verdict}: {report.matched_tokens} of {report.expected_tokens} "
+                "greedy tokens match the build host's"
+            )
+        else:
+            click.echo(
+                f"self-test {verdict}: {report.vectors} vectors, max abs error "
+                f"{report.max_abs_error:.3g} (allowed {report.atol:.3g}), min cosine "
+                f"{report.min_cosine:.6f} (needs {report.required_cosine:.6f})"
+            )
         for failure in report.failures:
             click.echo(f"  {failure}")
     raise SystemExit(0 if report.passed else 1)
@@ -158,10 +164,82 @@ def info(
         f"accelerator {manifest.target.accelerator})",
         f"backend    {manifest.backend.name}: {', '.join(manifest.backend.providers)}",
         f"model      {manifest.model.recipe} ({manifest.model.precision})",
-        f"inputs     {manifest.signature_text(manifest.inputs)}",
-        f"outputs    {manifest.signature_text(manifest.outputs)}",
     ]
+    if manifest.llm is not None:
+        llm = manifest.llm
+        lines += [
+            f"llm        {llm.architecture}, {llm.n_parameters / 1e6:.0f}M parameters, "
+            f"{llm.quant_type} from {llm.source_type}",
+            f"context    {llm.context_length} tokens, {manifest.backend.gpu_layers} GPU layers, "
+            f"{manifest.backend.intra_op_threads or 'all'} threads",
+            f"chat       {'template included' if llm.chat_template else 'no template'}",
+        ]
+    else:
+        lines += [
+            f"inputs     {manifest.signature_text(manifest.inputs)}",
+            f"outputs    {manifest.signature_text(manifest.outputs)}",
+        ]
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the template.")
+@click.option("--system", help="System message (with --chat).")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.7,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0 = greedy.",
+)
+@click.option("--seed", type=int, help="Sampling seed, for repeatable output.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", type=int, help="Override the profile's thread count.")
+@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all).")
+@click.option("--context-length", type=click.IntRange(min=16), help="Override the context.")
+def generate(
+    bundle: Path,
+    prompt: str,
+    pubkey: Path | None,
+    chat: bool,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    threads: int | None,
+    gpu_layers: int | None,
+    context_length: int | None,
+) -> None:
+    """Stream a completion of PROMPT from a language-model BUNDLE; Ctrl-C stops it."""
+    import sys
+
+    from .runtime import Runtime
+
+    options = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    options["stop"] = list(stop)
+    with Runtime.open(
+        bundle, pubkey, threads=threads, gpu_layers=gpu_layers, context_length=context_length
+    ) as runtime:
+        if chat:
+            messages = [{"role": "system", "content": system}] if system else []
+            stream = runtime.chat([*messages, {"role": "user", "content": prompt}], **options)
+        else:
+            stream = runtime.generate(prompt, **options)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            click.echo(f"[stopped after {stream.completion_tokens} tokens]", err=True)
+            raise SystemExit(130) from None
+    sys.stdout.write("\n")
+    click.echo(f"[{stream.completion_tokens} tokens, finish: {stream.finish_reason}]", err=True)
 
 
 @cli.command()

@@ -23,3 +23,7 @@ class InputSignatureError(EdgeRuntimeError):
 
 class BackendError(EdgeRuntimeError):
     """The inference engine for the bundle is missing or failed to load."""
+
+
+class ModelFileError(EdgeRuntimeError):
+    """A model file is malformed or truncated (checked before the engine loads it)."""

@@ -60,6 +60,7 @@ class BackendSpec(StrictModel):
     intra_op_threads: int = Field(ge=0)
     enable_cpu_mem_arena: bool = False
     allow_spinning: bool = Field(True, description="ONNX Runtime worker threads spin-wait")
+    gpu_layers: int = Field(0, ge=-1, description="llama.cpp layers offloaded to the GPU; -1 = all")
 
 
 class ModelSpec(StrictModel):
@@ -95,10 +96,47 @@ class Measurements(StrictModel):
     load_seconds: float
 
 
+class LlmMeasurements(StrictModel):
+    """llama-bench style figures: prompt processing (pp) and token generation (tg)."""
+
+    host: str
+    threads: int
+    repetitions: int
+    pp_tokens: int
+    pp_tokens_per_s: float
+    tg_tokens: int
+    tg_tokens_per_s: float
+    peak_memory_mb: float
+    load_seconds: float
+
+
+class TokenizerFacts(StrictModel):
+    model: str = Field(description="tokenizer.ggml.model, e.g. gpt2 (BPE) or llama (SPM)")
+    pre: str | None = None
+    vocab_size: int
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos_token: bool | None = None
+
+
+class LlmSpec(StrictModel):
+    """Facts about a GGUF language model that the device needs before generating."""
+
+    architecture: str
+    n_parameters: int
+    quant_type: str = Field(description="the llama.cpp type the bundle's model was quantized to")
+    source_type: str = Field(description="precision of the model the packager started from")
+    context_length: int = Field(gt=0, description="context length the device runs with")
+    trained_context_length: int | None = None
+    chat_template: str | None = Field(None, description="the model's own Jinja chat template")
+    tokenizer: TokenizerFacts
+
+
 class MemoryFit(StrictModel):
     budget_mb: float
     required_mb: float
     basis: Literal["measured", "estimated"]
+    parts: dict[str, float] = Field(default_factory=dict, description="the estimate's terms, MB")
 
 
 class SelfTestSpec(StrictModel):
@@ -106,6 +144,28 @@ class SelfTestSpec(StrictModel):
     count: int = Field(ge=1)
     atol: float = Field(gt=0, description="max abs difference to the fp32 reference")
     min_cosine: float = Field(description="min cosine similarity to the fp32 reference")
+
+
+class TokenSelfTestSpec(StrictModel):
+    """Greedy self-test for language models: the first tokens of a fixed prompt.
+
+    ``margins`` holds, per token, the host's logit gap between the chosen token and the
+    runner-up. Another CPU's kernels may swap a near-tie; a mismatch where the host's gap
+    was below ``tie_margin`` ends the comparison instead of failing it.
+    """
+
+    kind: Literal["greedy-tokens"] = "greedy-tokens"
+    prompt: str
+    tokens: list[int] = Field(min_length=1)
+    text: str = Field(description="the tokens as text, for people")
+    margins: list[float]
+    tie_margin: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> TokenSelfTestSpec:
+        if len(self.margins) != len(self.tokens):
+            raise ValueError("margins and tokens differ in length")
+        return self
 
 
 class Manifest(StrictModel):
@@ -122,14 +182,20 @@ class Manifest(StrictModel):
     outputs: list[TensorSpec]
     quantization: QuantizationRecord
     memory: MemoryFit
-    measurements: Measurements | None = None
-    selftest: SelfTestSpec
+    measurements: Measurements | LlmMeasurements | None = None
+    selftest: SelfTestSpec | TokenSelfTestSpec
     tools: dict[str, str]
+    llm: LlmSpec | None = None
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> Manifest:
         listed = {entry.path for entry in self.files}
-        for role, path in (("model", self.model.path), ("selftest", self.selftest.path)):
+        paths = [("model", self.model.path)]
+        if isinstance(self.selftest, SelfTestSpec):
+            paths.append(("selftest", self.selftest.path))
+        if (self.model.format == "gguf") != (self.llm is not None):
+            raise ValueError("the llm section is required for gguf models and only for them")
+        for role, path in paths:
             if path not in listed:
                 raise ValueError(f"{role} path {path!r} is not among the manifest's files")
         return self

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .backends import Backend, BackendOptions, create_backend
+from .backends.llamacpp import TokenStream
 from .bundle import VerifiedBundle, extract_bundle, verify_bundle
-from .errors import InputSignatureError
+from .errors import BackendError, InputSignatureError
 from .manifest import Manifest, TensorSpec
 from .selftest import SelfTestReport, run_selftest
 
@@ -76,6 +77,8 @@ class Runtime:
         extract_dir: str | Path | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
+        gpu_layers: int | None = None,
+        context_length: int | None = None,
         telemetry: TelemetryHook | None = None,
     ) -> Runtime:
         """Verify a bundle, extract it and load its model.
@@ -86,7 +89,10 @@ class Runtime:
             extract_dir: an empty folder to extract into; None uses a temporary folder
                 that is removed on ``close``.
             providers: ONNX Runtime providers to use instead of the manifest's list.
-            threads: intra-op thread count instead of the manifest's.
+            threads: thread count instead of the manifest's.
+            gpu_layers: llama.cpp layers to offload to the GPU instead of the manifest's
+                (-1 = all, 0 = CPU only); language-model bundles only.
+            context_length: llama.cpp context length instead of the manifest's.
             telemetry: receives every inference's latency and outcome, and the bundle
                 facts (e.g. a started ``TelemetryClient``); None reports nothing.
 
@@ -112,7 +118,11 @@ class Runtime:
         try:
             model_dir = extract_bundle(verified, target)
             backend = create_backend(manifest.backend.name)
-            backend.load(model_dir, manifest, BackendOptions(providers, threads))
+            backend.load(
+                model_dir,
+                manifest,
+                BackendOptions(providers, threads, gpu_layers, context_length),
+            )
             log.info("loaded %s (%s) with %s", manifest.name, manifest.model.recipe, backend.info())
         except BaseException:
             if owns_dir:
@@ -162,6 +172,84 @@ class Runtime:
             raise
         telemetry.record(_clock() - started)
         return outputs
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> TokenStream:
+        """Stream a completion of ``prompt`` from a language-model bundle.
+
+        Args:
+            prompt: plain text; the model's BOS token is added when the model wants one.
+            max_tokens: most tokens to generate (fewer if the context fills up).
+            temperature: 0 is greedy (deterministic); higher is more random.
+            top_p: nucleus sampling mass.
+            top_k: sample among this many most likely tokens.
+            seed: sampling seed, for repeatable output at temperature > 0.
+            stop: strings that end the completion; they are not included in it.
+
+        Returns:
+            A ``TokenStream``: iterate it for text pieces as they are generated, or call
+            ``read()``; ``finish_reason`` and ``completion_tokens`` are set at the end.
+
+        Raises:
+            BackendError: the bundle is not a language model.
+            ValueError: a bad argument, or a prompt longer than the context.
+        """
+        stream = self._generator().generate(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop or (),
+        )
+        return self._reported(stream)
+
+    def chat(self, messages: list[dict[str, str]], **options: Any) -> TokenStream:
+        """Like ``generate``, for ``[{"role": "user", "content": "..."}, ...]`` messages,
+        formatted with the model's own chat template from its GGUF metadata.
+
+        Raises:
+            BackendError: the bundle is not a language model, or it has no chat template.
+            ValueError: a malformed message.
+        """
+        return self._reported(self._generator().chat(messages, **options))
+
+    def _generator(self):
+        if not hasattr(self._backend, "generate"):
+            raise BackendError(
+                f"bundle {self.manifest.name!r} holds a {self.manifest.model.format} model, "
+                "not a language model; use run(inputs)"
+            )
+        return self._backend
+
+    def _reported(self, stream: TokenStream) -> TokenStream:
+        """Wrap ``stream`` so telemetry sees its duration and token count when it ends."""
+        telemetry = self._telemetry
+        if telemetry is None:
+            return stream
+        pieces = stream._pieces
+
+        def timed():
+            started = _clock()
+            try:
+                yield from pieces
+            except Exception as exc:
+                telemetry.record(_clock() - started, False, stream.completion_tokens, f"{exc}")
+                raise
+            telemetry.record(_clock() - started, True, stream.completion_tokens)
+
+        stream._pieces = timed()
+        return stream
 
     def selftest(self) -> SelfTestReport:
         """Run the bundle's self-test vectors against their fp32 reference outputs."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import Manifest
+from .manifest import Manifest, TokenSelfTestSpec
 
 INPUT_PREFIX = "input."
 REFERENCE_PREFIX = "reference."
@@ -24,6 +24,9 @@ class SelfTestReport:
     atol: float
     required_cosine: float
     failures: list[str] = field(default_factory=list)
+    # Language models: greedy tokens that matched the build host's, of those recorded.
+    matched_tokens: int | None = None
+    expected_tokens: int | None = None
 
 
 def cosine_rows(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -50,6 +53,8 @@ def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
 def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport:
     """Run every vector one sample at a time and compare with the stored fp32 reference."""
     spec = manifest.selftest
+    if isinstance(spec, TokenSelfTestSpec):
+        return run_token_selftest(runtime.backend, spec)
     inputs, references = load_vectors(model_dir / spec.path)
     failures: list[str] = []
     worst_abs, worst_cos = 0.0, 1.0
@@ -74,4 +79,41 @@ def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport
         atol=spec.atol,
         required_cosine=spec.min_cosine,
         failures=failures,
+    )
+
+
+def compare_tokens(spec: TokenSelfTestSpec, actual: list[int]) -> tuple[int, str | None]:
+    """How many leading tokens match, and why the comparison failed (None: it passed).
+
+    A mismatch where the build host's top-1/top-2 logit gap was under ``tie_margin`` is
+    a near-tie that another CPU's kernels may flip: the comparison ends there, passed.
+    """
+    for index, expected in enumerate(spec.tokens):
+        got = actual[index] if index < len(actual) else None
+        if got == expected:
+            continue
+        if spec.margins[index] < spec.tie_margin:
+            return index, None
+        return index, (
+            f"token {index}: expected {expected}, got {got} (the build host chose it by a "
+            f"logit margin of {spec.margins[index]:.3g}, above the near-tie limit "
+            f"{spec.tie_margin:g}); the model file or the engine computes differently here"
+        )
+    return len(spec.tokens), None
+
+
+def run_token_selftest(backend, spec: TokenSelfTestSpec) -> SelfTestReport:
+    """Greedy-decode the recorded prompt and compare with the build host's tokens."""
+    actual, _ = backend.greedy_tokens(spec.prompt, len(spec.tokens))
+    matched, failure = compare_tokens(spec, actual)
+    return SelfTestReport(
+        passed=failure is None,
+        vectors=1,
+        max_abs_error=0.0,
+        min_cosine=1.0,
+        atol=0.0,
+        required_cosine=1.0,
+        failures=[failure] if failure else [],
+        matched_tokens=matched,
+        expected_tokens=len(spec.tokens),
     )

@@ -18,7 +18,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_runtime.manifest import Attempt, Manifest, Measurements, MemoryFit, QuantizationRecord
+from edge_runtime.manifest import (
+    Attempt,
+    BackendSpec,
+    Manifest,
+    Measurements,
+    MemoryFit,
+    QuantizationRecord,
+)
 
 from .data import load_npz
 from .errors import FitError, GateError, ModelValidationError, PackagerError
@@ -39,6 +46,7 @@ from .passes.package import REQUEST_KEY, PackageRequest
 from .profiles import DeviceProfile
 from .recipes import resolve_chain
 
+MODEL_FORMATS = {".onnx": "onnx", ".gguf": "gguf"}
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin"}
 # Without a measurement the fit check uses this estimate: ONNX Runtime holds the weights
 # once plus pre-packed copies of some of them, and a little for activations and the engine.
@@ -51,13 +59,24 @@ class BuildConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    model: Path = Field(description="source model file (.onnx)")
+    model: Path = Field(description="source model file (.onnx or .gguf)")
     profile: DeviceProfile
     key: Path = Field(description="Ed25519 private key (PEM) that signs the bundle")
     output: Path = Field(description="the .edgepkg to write")
     calibration: Path | None = Field(None, description="calibration .npz (static int8)")
-    eval: Path = Field(description="held-out evaluation .npz")
+    eval: Path | None = Field(
+        None,
+        description="held-out evaluation .npz (ONNX, required) or .txt (GGUF; default: the "
+        "text shipped with edgepack)",
+    )
     max_degradation: float = Field(0.01, ge=0, le=1, description="accuracy gate threshold")
+    quant: str | None = Field(None, description="GGUF: one llama.cpp type instead of the chain")
+    allow_requantize: bool = Field(False, description="GGUF: accept an already-quantized source")
+    max_ppl_increase: float = Field(
+        0.10, ge=0, description="GGUF gate: largest allowed perplexity increase (0.10 = +10%)"
+    )
+    llm_window: int = Field(512, ge=64, description="GGUF: tokens per perplexity window")
+    selftest_tokens: int = Field(16, ge=1, le=256, description="GGUF: greedy self-test tokens")
     recipe: str | None = Field(None, description="force one recipe instead of the chain")
     measure: bool = Field(True, description="measure latency and memory on this host")
     task: Literal["auto", "classification", "embedding", "generic"] = "auto"
@@ -101,13 +120,14 @@ def detect_format(model: Path) -> str:
             f"{model.name}: pickle-based model formats are refused (loading them can run "
             "arbitrary code); export to ONNX first, e.g. with torch.onnx.export"
         )
-    if suffix != ".onnx":
+    if suffix not in MODEL_FORMATS:
         raise ModelValidationError(
-            f"{model.name}: unsupported model format {suffix!r}; give an .onnx file"
+            f"{model.name}: unsupported model format {suffix!r}; give one of "
+            f"{', '.join(sorted(MODEL_FORMATS))}"
         )
     if not model.is_file():
         raise ModelValidationError(f"model file {model} does not exist")
-    return "onnx"
+    return MODEL_FORMATS[suffix]
 
 
 def build_bundle(
@@ -123,13 +143,24 @@ def build_bundle(
     started = time.perf_counter()
     model_format = detect_format(config.model)
     profile = config.profile
-    chain = resolve_chain(profile, config.recipe, model_format)  # refuse before any work
+    if model_format == "gguf":
+        from .build_gguf import resolve_quant_chain
+
+        resolve_quant_chain(profile, config.quant)  # refuse before any work
+    else:
+        chain = resolve_chain(profile, config.recipe, model_format)
+        if config.eval is None:
+            raise PackagerError("an ONNX build needs --eval FILE.npz (held-out inputs)")
     load_private_key(config.key)  # a bad key should fail now, not after minutes of work
 
     own_workdir = config.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="edgepack-build-")) if own_workdir else config.workdir
     try:
         ctx = PassContext(workdir=workdir, profile=profile, progress=progress)
+        if model_format == "gguf":
+            from .build_gguf import build_gguf_bundle
+
+            return build_gguf_bundle(config, ctx, progress, started, _created_epoch(config.model))
         source = ModelArtifact(config.model, model_format)
 
         progress("validate: onnx checker, opset, external data")
@@ -181,6 +212,13 @@ def build_bundle(
             memory=memory,
             measurements=measurements,
             tools=tool_versions(),
+            backend=BackendSpec(
+                name="onnx",
+                providers=profile.onnx.providers,
+                intra_op_threads=profile.onnx.threads,
+                enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
+                allow_spinning=profile.onnx.allow_spinning,
+            ),
         )
         packaged, _ = Package().run(chosen, ctx)
         return BuildResult(

@@ -57,9 +57,9 @@ def cli() -> None:
 @click.option(
     "--eval",
     "eval_path",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Held-out .npz in the same layout; an optional 'labels' array adds accuracy.",
+    help="ONNX (required): held-out .npz in the same layout; an optional 'labels' array "
+    "adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: a text shipped with edgepack).",
 )
 @click.option(
     "--max-degradation",
@@ -69,6 +69,19 @@ def cli() -> None:
     help="Gate: largest allowed 1 - mean cosine (or 1 - top-1 agreement).",
 )
 @click.option("--recipe", help="Force one recipe instead of the profile's chain.")
+@click.option("--quant", help="GGUF: one llama.cpp type (e.g. Q4_K_M) instead of the chain.")
+@click.option(
+    "--max-ppl-increase",
+    default=0.10,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="GGUF gate: largest allowed perplexity increase over the source (0.10 = +10%).",
+)
+@click.option(
+    "--allow-requantize",
+    is_flag=True,
+    help="GGUF: accept an already-quantized source (it loses more; a warning is shown).",
+)
 @click.option(
     "--task",
     type=click.Choice(["auto", "classification", "embedding", "generic"]),
@@ -87,9 +100,12 @@ def build(
     key: Path,
     output: Path,
     calibration: Path | None,
-    eval_path: Path,
+    eval_path: Path | None,
     max_degradation: float,
     recipe: str | None,
+    quant: str | None,
+    max_ppl_increase: float,
+    allow_requantize: bool,
     task: str,
     name: str | None,
     bundle_version: str,
@@ -112,6 +128,9 @@ def build(
         eval=eval_path,
         max_degradation=max_degradation,
         recipe=recipe,
+        quant=quant,
+        max_ppl_increase=max_ppl_increase,
+        allow_requantize=allow_requantize,
         measure=not no_measure,
         task=task,
         name=name,
@@ -132,8 +151,14 @@ def build(
     console.print(
         attempts_table(result.manifest.quantization.attempts, result.manifest.quantization.chosen)
     )
-    if result.manifest.measurements:
-        m = result.manifest.measurements
+    m = result.manifest.measurements
+    if m is not None and hasattr(m, "tg_tokens_per_s"):
+        console.print(
+            f"host: pp{m.pp_tokens} {m.pp_tokens_per_s:.1f} tokens/s, tg{m.tg_tokens} "
+            f"{m.tg_tokens_per_s:.1f} tokens/s ({m.threads} threads), peak memory "
+            f"{m.peak_memory_mb:.1f} MB"
+        )
+    elif m is not None:
         console.print(
             f"host: p50 {m.latency_ms_p50:.2f} ms, p95 {m.latency_ms_p95:.2f} ms over "
             f"{m.runs} runs, peak memory {m.peak_memory_mb:.1f} MB"
@@ -150,9 +175,20 @@ def build(
         click.echo(result.manifest.to_bytes().decode())
 
 
+LLM_COLUMNS = {
+    "perplexity": ("perplexity", ".3f"),
+    "ppl +": ("ppl_increase", "+.2%"),
+    "KL mean": ("kl_divergence_mean", ".4f"),
+    "KL p99": ("kl_divergence_p99", ".3f"),
+    "top-1 agree": ("top1_agreement", ".2%"),
+}
+
+
 def attempts_table(attempts, chosen: str | None):
     from rich.table import Table
 
+    if any("perplexity" in attempt.metrics for attempt in attempts):
+        return llm_attempts_table(attempts, chosen)
     table = Table(title="quantization attempts")
     for column in (
         "recipe",
@@ -181,6 +217,27 @@ def attempts_table(attempts, chosen: str | None):
             fmt("max_abs_error", ".3g"),
             fmt("top1_agreement", ".2%"),
             fmt("accuracy_drop", ".2%"),
+            "yes" if attempt.recipe == chosen else "",
+        )
+    return table
+
+
+def llm_attempts_table(attempts, chosen: str | None):
+    from rich.table import Table
+
+    table = Table(title="quantization attempts (perplexity gate)")
+    for column in ("type", "status", "size MB", *LLM_COLUMNS, "chosen"):
+        table.add_column(column)
+    for attempt in attempts:
+        cells = [
+            format(attempt.metrics[key], spec) if key in attempt.metrics else "-"
+            for key, spec in LLM_COLUMNS.values()
+        ]
+        table.add_row(
+            attempt.recipe,
+            attempt.status if not attempt.reason else f"{attempt.status}: {attempt.reason}"[:60],
+            f"{attempt.size_bytes / 2**20:.1f}" if attempt.size_bytes else "-",
+            *cells,
             "yes" if attempt.recipe == chosen else "",
         )
     return table

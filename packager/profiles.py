@@ -53,7 +53,12 @@ class OnnxTargetConfig(StrictConfig):
 
 
 class GgufTargetConfig(StrictConfig):
-    quant_type: str = Field(description="llama.cpp quantization type, e.g. Q4_K_M")
+    quant_types: list[str] = Field(
+        min_length=1,
+        description="llama.cpp quantization types to try, most compressed first, e.g. "
+        "[Q4_K_M, Q5_K_M, Q8_0]; the perplexity gate falls back along this chain",
+    )
+    threads: int = Field(0, ge=0, description="llama.cpp threads; 0 = one per core")
     gpu_layers: int = Field(0, ge=-1, description="layers to offload to the GPU (-1 = all)")
     context_length: int = Field(2048, gt=0, description="context length the device will use")
 

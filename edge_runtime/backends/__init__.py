@@ -20,6 +20,7 @@ from ..manifest import Manifest
 # name -> "module:Class"; resolved lazily so importing this package stays cheap.
 BACKENDS: dict[str, str] = {
     "onnx": "edge_runtime.backends.onnx:OnnxBackend",
+    "llamacpp": "edge_runtime.backends.llamacpp:LlamaCppBackend",
 }
 
 
@@ -29,6 +30,8 @@ class BackendOptions:
 
     providers: list[str] | None = None
     threads: int | None = None
+    gpu_layers: int | None = None
+    context_length: int | None = None
 
 
 class Backend(ABC):

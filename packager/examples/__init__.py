@@ -11,15 +11,19 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES = ("minilm", "digits-cnn")
+EXAMPLES = ("minilm", "digits-cnn", "smollm2")
 
 
 @dataclass(frozen=True)
 class ExampleModel:
-    """Paths of one example: the fp32 ONNX model and its calibration and eval data."""
+    """Paths of one example: the source model and its calibration and eval data.
+
+    ONNX examples carry ``.npz`` data; the GGUF example carries an evaluation text and
+    no calibration data.
+    """
 
     model: Path
-    calibration: Path
+    calibration: Path | None
     eval: Path
 
 
@@ -39,6 +43,10 @@ def make_example(name: str, out_dir: Path) -> ExampleModel:
         from .digits import train_digits_cnn
 
         return train_digits_cnn(out_dir)
+    if name == "smollm2":
+        from .smollm2 import make_smollm2_source
+
+        return make_smollm2_source(out_dir)
     raise PackagerError(f"unknown example {name!r}; known examples: {', '.join(EXAMPLES)}")
 
 
@@ -69,7 +77,8 @@ def source_fingerprint() -> str:
     """Hash of the example sources, so caches rebuild when the recipe changes."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")) + [
-        Path(__file__).with_name("sentences.txt")
+        Path(__file__).with_name("sentences.txt"),
+        Path(__file__).with_name("llm_eval.txt"),
     ]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

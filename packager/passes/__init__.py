@@ -2,6 +2,7 @@
 
 from .base import PASSES, ModelArtifact, Pass, PassConfig, PassContext, PassOutput, get_pass
 from .evaluate import Evaluate
+from .gguf import GgufEvaluate, GgufMeasure, GgufQuantize, GgufValidate
 from .measure import Measure
 from .onnx_optimize import OnnxGraphOptimize
 from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
@@ -11,6 +12,10 @@ from .package import Package
 __all__ = [
     "PASSES",
     "Evaluate",
+    "GgufEvaluate",
+    "GgufMeasure",
+    "GgufQuantize",
+    "GgufValidate",
     "Measure",
     "ModelArtifact",
     "OnnxDynamicQuantize",

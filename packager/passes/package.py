@@ -17,6 +17,7 @@ from edge_runtime.manifest import (
     BackendSpec,
     FileEntry,
     FileRole,
+    LlmSpec,
     Manifest,
     Measurements,
     MemoryFit,
@@ -25,6 +26,7 @@ from edge_runtime.manifest import (
     SelfTestSpec,
     Target,
     TensorSpec,
+    TokenSelfTestSpec,
 )
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
@@ -34,7 +36,7 @@ from ..keys import load_private_key
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 from .evaluate import reference_outputs
 
-MODEL_MEMBER = "model/model.onnx"
+MODEL_MEMBERS = {"onnx": "model/model.onnx", "gguf": "model/model.gguf"}
 SELFTEST_MEMBER = "selftest/vectors.npz"
 REQUEST_KEY = "package_request"
 _BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
@@ -51,13 +53,17 @@ class PackageRequest:
     created_epoch: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    opset: int
+    opset: int | None
     recipe: str
     chosen_metrics: dict[str, float]
     quantization: QuantizationRecord
     memory: MemoryFit
     measurements: Measurements | None
     tools: dict[str, str]
+    backend: BackendSpec
+    # Language models record greedy tokens; other models get self-test vectors.
+    selftest: TokenSelfTestSpec | None = None
+    llm: LlmSpec | None = None
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -96,15 +102,13 @@ class Package(Pass):
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         request: PackageRequest = ctx.cache[REQUEST_KEY]
         signing_key = load_private_key(request.key)
-        count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
-        vectors = {f"{INPUT_PREFIX}{k}": v[:count] for k, v in ctx.evaluation.items()}
-        for name, value in reference_outputs(ctx).items():
-            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value[:count])
-        vectors_path = out_dir / "vectors.npz"
-        save_npz_deterministic(vectors_path, vectors)
-
-        sources = {MODEL_MEMBER: model.path, SELFTEST_MEMBER: vectors_path}
-        roles = {MODEL_MEMBER: FileRole.MODEL, SELFTEST_MEMBER: FileRole.SELFTEST}
+        model_member = MODEL_MEMBERS[model.format]
+        sources = {model_member: model.path}
+        roles = {model_member: FileRole.MODEL}
+        selftest = request.selftest
+        if selftest is None:
+            sources[SELFTEST_MEMBER] = self._write_vectors(out_dir, ctx)
+            roles[SELFTEST_MEMBER] = FileRole.SELFTEST
         files = [
             FileEntry(
                 path=name, sha256=sha256_file(path), size=path.stat().st_size, role=roles[name]
@@ -112,8 +116,13 @@ class Package(Pass):
             for name, path in sorted(sources.items())
         ]
         profile = ctx.profile
-        model_digest = next(entry.sha256 for entry in files if entry.path == MODEL_MEMBER)
-        atol, min_cosine = selftest_tolerance(request.chosen_metrics)
+        model_digest = next(entry.sha256 for entry in files if entry.path == model_member)
+        if selftest is None:
+            atol, min_cosine = selftest_tolerance(request.chosen_metrics)
+            count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
+            selftest = SelfTestSpec(
+                path=SELFTEST_MEMBER, count=count, atol=atol, min_cosine=min_cosine
+            )
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             bundle_id=str(
@@ -133,16 +142,10 @@ class Package(Pass):
                 accelerator=profile.accelerator.value,
                 platform_tag=profile.python.platform_tag,
             ),
-            backend=BackendSpec(
-                name="onnx",
-                providers=profile.onnx.providers,
-                intra_op_threads=profile.onnx.threads,
-                enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
-                allow_spinning=profile.onnx.allow_spinning,
-            ),
+            backend=request.backend,
             model=ModelSpec(
-                path=MODEL_MEMBER,
-                format="onnx",
+                path=model_member,
+                format=model.format,
                 opset=request.opset,
                 precision=model.precision,
                 recipe=request.recipe,
@@ -153,10 +156,9 @@ class Package(Pass):
             quantization=request.quantization,
             memory=request.memory,
             measurements=request.measurements,
-            selftest=SelfTestSpec(
-                path=SELFTEST_MEMBER, count=count, atol=atol, min_cosine=min_cosine
-            ),
+            selftest=selftest,
             tools=request.tools,
+            llm=request.llm,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)
@@ -164,3 +166,13 @@ class Package(Pass):
         return PassOutput(
             ModelArtifact(request.output, "edgepkg", model.precision), {"manifest": manifest}
         )
+
+    def _write_vectors(self, out_dir: Path, ctx: PassContext) -> Path:
+        """Self-test vectors: the first eval samples and the fp32 model's outputs on them."""
+        count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
+        vectors = {f"{INPUT_PREFIX}{k}": v[:count] for k, v in ctx.evaluation.items()}
+        for name, value in reference_outputs(ctx).items():
+            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value[:count])
+        vectors_path = out_dir / "vectors.npz"
+        save_npz_deterministic(vectors_path, vectors)
+        return vectors_path

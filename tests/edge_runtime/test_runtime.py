@@ -281,13 +281,13 @@ def test_open_with_trusted_keys_from_the_environment(cnn_bundle, keypair, monkey
     assert report.passed
 
 
-@pytest.mark.parametrize("name", ["tflite", "llamacpp", "tensorrt"])
+@pytest.mark.parametrize("name", ["tflite", "tensorrt"])
 def test_create_backend_refuses_an_unknown_name(name):
     with pytest.raises(BackendError) as caught:
         create_backend(name)
 
     assert f"bundle needs backend {name!r}" in str(caught.value)
-    assert "available: onnx" in str(caught.value)
+    assert "available: llamacpp, onnx" in str(caught.value)
 
 
 def test_open_refuses_a_bundle_for_a_backend_this_runtime_lacks(cnn_bundle, keypair, tmp_path):

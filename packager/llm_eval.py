@@ -1,0 +1,139 @@
+"""Perplexity and KL divergence of a GGUF model on evaluation text, the way llama.cpp's
+``llama-perplexity`` computes them.
+
+The token stream is cut into windows of ``window`` tokens; each window is evaluated from
+an empty context and only its second half is scored, so every scored token has at least
+half a window of context. The KL divergence compares, token by token, the candidate's
+next-token distribution with the source model's on the same windows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.backends.llamacpp import open_llama
+
+from .errors import DataError
+
+MIN_WINDOW = 32
+
+
+@dataclass
+class TextScore:
+    """Per-token results of one model on the evaluation windows."""
+
+    nll: np.ndarray  # negative log-likelihood of each scored token
+    top1: np.ndarray  # the model's most likely next token at each scored position
+    kl: np.ndarray | None = None  # KL(source || this model) per scored token
+    # source only: its log-probabilities per window, kept to compare candidates against
+    log_probs: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll.mean()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+def tokenize_text(model_path: Path, text: str) -> list[int]:
+    """Tokens of ``text`` with the model's own tokenizer (vocabulary only, no weights read)."""
+    import llama_cpp
+
+    model = llama_cpp.llama_model_load_from_file(
+        str(model_path).encode(), _vocab_only_params(llama_cpp)
+    )
+    if not model:
+        raise DataError(f"llama.cpp could not read the tokenizer of {model_path.name}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        raw = text.encode()
+        size = len(raw) + 16
+        buffer = (llama_cpp.llama_token * size)()
+        count = llama_cpp.llama_tokenize(vocab, raw, len(raw), buffer, size, False, False)
+        if count < 0:
+            raise DataError("the evaluation text could not be tokenized")
+        return list(buffer[:count])
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _vocab_only_params(llama_cpp):
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    return params
+
+
+def windows(tokens: list[int], window: int) -> list[list[int]]:
+    """Cut ``tokens`` into whole windows; refuse text too short to say anything."""
+    if len(tokens) < 2 * MIN_WINDOW:
+        raise DataError(
+            f"the evaluation text is only {len(tokens)} tokens; give at least "
+            f"{2 * MIN_WINDOW} (a few paragraphs), e.g. --eval my-text.txt"
+        )
+    window = min(window, len(tokens) // 2)
+    return [tokens[i : i + window] for i in range(0, len(tokens) - window + 1, window)]
+
+
+def score_model(
+    model_path: Path,
+    chunks: list[list[int]],
+    *,
+    threads: int | None = None,
+    reference: TextScore | None = None,
+    keep_log_probs: bool = False,
+) -> TextScore:
+    """Score ``model_path`` on ``chunks``; with ``reference``, also the KL divergence."""
+    window = len(chunks[0])
+    llm = open_llama(
+        model_path,
+        context_length=window,
+        threads=threads or os.cpu_count() or 1,
+        logits_all=True,
+        batch=window,
+    )
+    nll, top1, kl, kept = [], [], [], []
+    first = window // 2
+    try:
+        for index, chunk in enumerate(chunks):
+            llm.reset()
+            llm.eval(chunk)
+            # logits at position i predict token i + 1; score the second half only
+            log_probs = log_softmax(llm.scores[first : window - 1])
+            targets = np.asarray(chunk[first + 1 : window])
+            nll.append(-log_probs[np.arange(len(targets)), targets].astype(np.float64))
+            top1.append(log_probs.argmax(axis=1))
+            if reference is not None:
+                source = reference.log_probs[index]
+                kl.append((np.exp(source) * (source - log_probs)).sum(axis=1, dtype=np.float64))
+            if keep_log_probs:
+                kept.append(log_probs)
+    finally:
+        llm.close()
+    return TextScore(
+        nll=np.concatenate(nll),
+        top1=np.concatenate(top1),
+        kl=np.concatenate(kl) if kl else None,
+        log_probs=kept,
+    )
+
+
+def compare_scores(candidate: TextScore, source: TextScore) -> dict[str, float]:
+    """The gate's figures for ``candidate`` against ``source`` (6 significant digits)."""
+    figures = {
+        "perplexity": candidate.perplexity,
+        "source_perplexity": source.perplexity,
+        "ppl_increase": candidate.perplexity / source.perplexity - 1.0,
+        "top1_agreement": float((candidate.top1 == source.top1).mean()),
+        "scored_tokens": float(len(candidate.nll)),
+    }
+    if candidate.kl is not None:
+        figures["kl_divergence_mean"] = float(candidate.kl.mean())
+        figures["kl_divergence_p99"] = float(np.percentile(candidate.kl, 99))
+    return {key: float(f"{value:.6g}") for key, value in figures.items()}

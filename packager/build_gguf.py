@@ -41,7 +41,8 @@ from .passes.package import REQUEST_KEY, PackageRequest
 from .profiles import DeviceProfile
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "examples" / "llm_eval.txt"
-SELFTEST_PROMPT = "Water is made of hydrogen and oxygen. The chemical formula of water is"
+# A story opening: small models continue it for many tokens instead of ending at once.
+SELFTEST_PROMPT = "Once upon a time, in a small village by the sea,"
 # Logit gap under which another CPU's kernels may flip the greedy choice (see manifest)
 SELFTEST_TIE_MARGIN = 0.25
 KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16

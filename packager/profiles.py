@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_runtime.settings import describe_validation_error
 
@@ -59,6 +59,13 @@ class GgufTargetConfig(StrictConfig):
         "[Q4_K_M, Q5_K_M, Q8_0]; the perplexity gate falls back along this chain",
     )
     threads: int = Field(0, ge=0, description="llama.cpp threads; 0 = one per core")
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known_types(cls, names: list[str]) -> list[str]:
+        from .passes.gguf import check_quant_type  # lazy: the passes import this module
+
+        return [check_quant_type(name) for name in names]
     gpu_layers: int = Field(0, ge=-1, description="layers to offload to the GPU (-1 = all)")
     context_length: int = Field(2048, gt=0, description="context length the device will use")
 

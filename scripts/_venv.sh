@@ -20,6 +20,12 @@ ensure_venv() {
         echo "==> installing edgepack[$extras] into $VENV (first time: a few minutes)"
         # torch is pinned to the local CPU build in the examples extra; pip would otherwise
         # pull several GB of CUDA wheels.
+        # llama-cpp-python compiles from source (about 10 minutes; pip caches the wheel).
+        # A portable x86-64 build: llama.cpp's -march=native build of 0.3.36 crashes in its
+        # AVX-512 weight-repacking kernels on some CPUs (docs/llm.md, "Known problems").
+        if [ "$(uname -m)" = "x86_64" ] && [ -z "${CMAKE_ARGS:-}" ]; then
+            export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+        fi
         "$VENV/bin/python" -m pip install --quiet -e "$REPO[$extras]"
         case ",$extras," in
             *,dev,*|*,examples,*)

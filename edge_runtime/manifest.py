@@ -168,6 +168,25 @@ class TokenSelfTestSpec(StrictModel):
         return self
 
 
+class WheelEntry(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+!-]+\.whl$", description="file name in the folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class WheelhouseSpec(StrictModel):
+    """Wheels for an offline install on the device, in a folder beside the bundle."""
+
+    folder: str = Field(description="the wheelhouse folder's name, beside the bundle")
+    platform_tag: str
+    python_version: str
+    requirements: list[str]
+    wheels: list[WheelEntry]
+    missing: list[str] = Field(
+        default_factory=list, description="requirements PyPI has no wheel for on this platform"
+    )
+
+
 class Manifest(StrictModel):
     schema_version: int
     bundle_id: str
@@ -186,6 +205,7 @@ class Manifest(StrictModel):
     selftest: SelfTestSpec | TokenSelfTestSpec
     tools: dict[str, str]
     llm: LlmSpec | None = None
+    wheelhouse: WheelhouseSpec | None = None
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> Manifest:

@@ -12,8 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backends import Backend, BackendOptions, create_backend
-from .backends.llamacpp import TokenStream
+from .backends import Backend, BackendOptions, TokenStream, create_backend
 from .bundle import VerifiedBundle, extract_bundle, verify_bundle
 from .errors import BackendError, InputSignatureError
 from .manifest import Manifest, TensorSpec

@@ -77,6 +77,12 @@ class BuildConfig(BaseModel):
     )
     llm_window: int = Field(512, ge=64, description="GGUF: tokens per perplexity window")
     selftest_tokens: int = Field(16, ge=1, le=256, description="GGUF: greedy self-test tokens")
+    with_wheels: bool = Field(
+        False, description="write an offline wheelhouse for the profile's platform beside it"
+    )
+    extra_wheels: Path | None = Field(
+        None, description="folder of wheels PyPI lacks for the platform (e.g. llama-cpp-python)"
+    )
     recipe: str | None = Field(None, description="force one recipe instead of the chain")
     measure: bool = Field(True, description="measure latency and memory on this host")
     task: Literal["auto", "classification", "embedding", "generic"] = "auto"
@@ -220,6 +226,7 @@ def build_bundle(
                 allow_spinning=profile.onnx.allow_spinning,
             ),
         )
+        attach_wheelhouse(config, ctx, progress)
         packaged, _ = Package().run(chosen, ctx)
         return BuildResult(
             config.output, packaged.metrics["manifest"], time.perf_counter() - started
@@ -227,6 +234,28 @@ def build_bundle(
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def attach_wheelhouse(config: BuildConfig, ctx: PassContext, progress) -> None:
+    """With ``--with-wheels``: fill the wheelhouse and put its hashes in the manifest."""
+    if not config.with_wheels:
+        return
+    import dataclasses
+
+    from .wheelhouse import build_wheelhouse
+
+    request: PackageRequest = ctx.cache[REQUEST_KEY]
+    profile = config.profile
+    spec = build_wheelhouse(
+        config.output,
+        request.backend.name,
+        profile.python.platform_tag,
+        profile.python.python_version,
+        metadata.version("edgepack"),
+        config.extra_wheels,
+        progress,
+    )
+    ctx.cache[REQUEST_KEY] = dataclasses.replace(request, wheelhouse=spec)
 
 
 def _resolve_task(task: str, labels) -> str:

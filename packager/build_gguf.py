@@ -207,7 +207,7 @@ def _try_chain(config, ctx, chain, source: ModelArtifact, progress):
 
 def build_gguf_bundle(config, ctx: PassContext, progress, started: float, created_epoch: int):
     """The GGUF half of ``packager.build.build_bundle`` (which owns the work folder)."""
-    from .build import BuildResult, tool_versions
+    from .build import BuildResult, attach_wheelhouse, tool_versions
     from .llm_eval import tokenize_text, windows
 
     profile = config.profile
@@ -268,6 +268,7 @@ def build_gguf_bundle(config, ctx: PassContext, progress, started: float, create
         selftest=selftest,
         llm=llm_spec(chosen_info, chosen.precision, source_type, profile),
     )
+    attach_wheelhouse(config, ctx, progress)
     progress("package: manifest, self-test tokens, signature")
     packaged, _ = Package().run(chosen, ctx)
     return BuildResult(config.output, packaged.metrics["manifest"], time.perf_counter() - started)

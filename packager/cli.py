@@ -92,6 +92,17 @@ def cli() -> None:
 @click.option("--name", help="Bundle name (default: the model file's stem).")
 @click.option("--version", "bundle_version", default="0.1.0", show_default=True)
 @click.option("--no-measure", is_flag=True, help="Skip host measurements (reproducible bytes).")
+@click.option(
+    "--with-wheels",
+    is_flag=True,
+    help="Also write BUNDLE.wheels/: the runtime's wheels for the profile's platform, hashed "
+    "in the signed manifest, for an offline install (scripts/install-on-device.sh).",
+)
+@click.option(
+    "--extra-wheels",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of wheels PyPI lacks for the platform (e.g. llama-cpp-python for aarch64).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 def build(
     model: Path,
@@ -110,6 +121,8 @@ def build(
     name: str | None,
     bundle_version: str,
     no_measure: bool,
+    with_wheels: bool,
+    extra_wheels: Path | None,
     as_json: bool,
 ) -> None:
     """Optimize, quantize, gate, measure and sign MODEL for one device profile."""
@@ -132,6 +145,8 @@ def build(
         max_ppl_increase=max_ppl_increase,
         allow_requantize=allow_requantize,
         measure=not no_measure,
+        with_wheels=with_wheels,
+        extra_wheels=extra_wheels,
         task=task,
         name=name,
         version=bundle_version,

@@ -66,6 +66,7 @@ class GgufTargetConfig(StrictConfig):
         from .passes.gguf import check_quant_type  # lazy: the passes import this module
 
         return [check_quant_type(name) for name in names]
+
     gpu_layers: int = Field(0, ge=-1, description="layers to offload to the GPU (-1 = all)")
     context_length: int = Field(2048, gt=0, description="context length the device will use")
 

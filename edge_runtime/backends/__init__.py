@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,32 @@ class BackendOptions:
     threads: int | None = None
     gpu_layers: int | None = None
     context_length: int | None = None
+
+
+@dataclass
+class TokenStream:
+    """Text pieces as they are generated; iterate it. Counts are final once it is exhausted.
+
+    ``finish_reason`` is "stop" (a stop string or the model's end token), "length"
+    (``max_tokens`` or the context is full) or None while running or if abandoned.
+    """
+
+    _pieces: Iterator[str]
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    text: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self.text.append(piece)
+            yield piece
+
+    def read(self) -> str:
+        """Consume the rest of the stream and return the whole generated text."""
+        for _ in self:
+            pass
+        return "".join(self.text)
 
 
 class Backend(ABC):

@@ -10,14 +10,13 @@ from __future__ import annotations
 import codecs
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from . import Backend, BackendOptions
+from . import Backend, BackendOptions, TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -99,32 +98,6 @@ def greedy_continuation(llm, prompt: str, count: int) -> tuple[list[int], list[f
         llm.eval([int(best)])
     llm.reset()
     return tokens, margins
-
-
-@dataclass
-class TokenStream:
-    """Text pieces as they are generated; iterate it. Counts are final once it is exhausted.
-
-    ``finish_reason`` is "stop" (a stop string or the model's end token), "length"
-    (``max_tokens`` or the context is full) or None while running or if abandoned.
-    """
-
-    _pieces: Iterator[str]
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    text: list[str] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces:
-            self.text.append(piece)
-            yield piece
-
-    def read(self) -> str:
-        """Consume the rest of the stream and return the whole generated text."""
-        for _ in self:
-            pass
-        return "".join(self.text)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -27,6 +27,7 @@ from edge_runtime.manifest import (
     Target,
     TensorSpec,
     TokenSelfTestSpec,
+    WheelhouseSpec,
 )
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
@@ -64,6 +65,7 @@ class PackageRequest:
     # Language models record greedy tokens; other models get self-test vectors.
     selftest: TokenSelfTestSpec | None = None
     llm: LlmSpec | None = None
+    wheelhouse: WheelhouseSpec | None = None
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -159,6 +161,7 @@ class Package(Pass):
             selftest=selftest,
             tools=request.tools,
             llm=request.llm,
+            wheelhouse=request.wheelhouse,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)

@@ -349,6 +349,61 @@ def profiles_show(name: str | None, profile_file: Path | None) -> None:
 
 
 @cli.command()
+@click.option("--profile", "profile_name", help="Shipped device profile (see `profiles list`).")
+@click.option("--profile-file", type=click.Path(path_type=Path), help="Your own profile YAML.")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    type=click.Choice(["onnx", "llamacpp"]),
+    default=("onnx",),
+    show_default=True,
+    help="Backend to include (repeatable); nothing else is bundled.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--form",
+    type=click.Choice(["both", "onefile", "onedir"]),
+    default="both",
+    show_default=True,
+    help="One self-extracting file, one folder, or both.",
+)
+def freeze(
+    profile_name: str | None,
+    profile_file: Path | None,
+    backends: tuple[str, ...],
+    out_dir: Path,
+    form: str,
+) -> None:
+    """Build a self-contained `edge-runtime` executable with PyInstaller, for this machine's
+    architecture (no cross-compiling: freeze arm64 runtimes on arm64, see
+    docs/offline-install.md)."""
+    from rich.table import Table
+
+    from .freeze import freeze_runtime
+    from .profiles import load_profile
+
+    if bool(profile_name) == bool(profile_file):
+        raise click.UsageError("give exactly one of --profile NAME or --profile-file PATH")
+    profile = load_profile(profile_name, profile_file)
+    forms = ("onefile", "onedir") if form == "both" else (form,)
+    console = _console()
+    with console.status(f"freezing edge-runtime for {profile.name}"):
+        results = freeze_runtime(profile, list(backends), out_dir, forms, console.print)
+    table = Table(title=f"edge-runtime for {profile.name} ({', '.join(backends)})")
+    for column in ("form", "executable", "size MiB", "build s"):
+        table.add_column(column)
+    for result in results:
+        table.add_row(
+            result.form,
+            str(result.executable),
+            f"{result.size_bytes / 2**20:.1f}",
+            f"{result.seconds:.0f}",
+        )
+    _console(stderr=False).print(table)
+
+
+@cli.command()
 @click.argument("name", type=click.Choice(["minilm", "digits-cnn", "smollm2"]))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def example(name: str, out_dir: Path) -> None:

@@ -162,7 +162,9 @@ def info(
         f"signed by  {verified.key_id}",
         f"target     {manifest.target.profile} ({manifest.target.arch}, "
         f"accelerator {manifest.target.accelerator})",
-        f"backend    {manifest.backend.name}: {', '.join(manifest.backend.providers)}",
+        f"backend    {manifest.backend.name}: {', '.join(manifest.backend.providers)}"
+        if manifest.backend.providers
+        else f"backend    {manifest.backend.name}",
         f"model      {manifest.model.recipe} ({manifest.model.precision})",
     ]
     if manifest.llm is not None:

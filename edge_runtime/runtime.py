@@ -230,8 +230,8 @@ class Runtime:
     def _generator(self):
         if not hasattr(self._backend, "generate"):
             raise BackendError(
-                f"bundle {self.manifest.name!r} holds a {self.manifest.model.format} model, "
-                "not a language model; use run(inputs)"
+                f"bundle {self.manifest.name!r} holds an {self.manifest.model.format.upper()} "
+                "model, not a language model; use run(inputs)"
             )
         return self._backend
 

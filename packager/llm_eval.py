@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.backends.llamacpp import open_llama
+from edge_runtime.backends.llamacpp import import_llama_cpp, open_llama
 
 from .errors import DataError
 
@@ -44,7 +44,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def tokenize_text(model_path: Path, text: str) -> list[int]:
     """Tokens of ``text`` with the model's own tokenizer (vocabulary only, no weights read)."""
-    import llama_cpp
+    llama_cpp = import_llama_cpp()
 
     model = llama_cpp.llama_model_load_from_file(
         str(model_path).encode(), _vocab_only_params(llama_cpp)

@@ -22,13 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def import_llama_cpp():
+    """llama_cpp, with llama.cpp's own logging (hundreds of lines per load) kept quiet."""
     try:
         import llama_cpp
+        from llama_cpp._logger import set_verbose
     except ImportError:
         raise BackendError(
             "this bundle needs llama.cpp: pip install 'edgepack[llm]' (llama-cpp-python; "
             "on arm64 it builds from source, see docs/llm.md)"
         ) from None
+    # llama-cpp-python routes llama.cpp's log through this logger; errors still show.
+    set_verbose(False)
     return llama_cpp
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from edge_runtime.backends.llamacpp import import_llama_cpp
 from edge_runtime.errors import ModelFileError
 from edge_runtime.gguf import GGUF_FILE_TYPES, read_gguf
 
@@ -126,7 +127,7 @@ class GgufQuantize(Pass):
     input_formats = frozenset({"gguf"})
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
-        import llama_cpp
+        llama_cpp = import_llama_cpp()
 
         quant_type = self.config.quant_type
         output = out_dir / f"model-{quant_type}.gguf"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +17,7 @@ from edge_runtime.gguf import GGUF_FILE_TYPES, read_gguf
 
 from ..errors import ModelValidationError
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassFailedError, PassOutput
+from .measure import run_worker
 
 # Source precisions the packager quantizes from without --allow-requantize.
 HIGH_PRECISION = {"F32", "F16", "BF16"}
@@ -201,15 +200,4 @@ class GgufMeasure(Pass):
             "tg_tokens": self.config.tg_tokens,
             "repetitions": self.config.repetitions,
         }
-        done = subprocess.run(
-            [sys.executable, "-m", "packager.llm_bench_worker", json.dumps(request)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise PassFailedError(f"measuring failed: {done.stderr.strip()[-2000:]}")
-        figures = json.loads(done.stdout.strip().splitlines()[-1])
-        host = f"{platform.machine()} {platform.processor() or ''} {host_cores} cores"
-        figures["host"] = " ".join(host.split())
-        return PassOutput(model, figures)
+        return PassOutput(model, run_worker("packager.llm_bench_worker", json.dumps(request)))

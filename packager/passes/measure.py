@@ -44,15 +44,20 @@ class Measure(Pass):
         }
         request_path = out_dir / "request.json"
         request_path.write_text(json.dumps(request), encoding="utf-8")
-        done = subprocess.run(
-            [sys.executable, "-m", "packager.measure_worker", str(request_path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise PassFailedError(f"measuring failed: {done.stderr.strip()[-2000:]}")
-        figures = json.loads(done.stdout.strip().splitlines()[-1])
-        figures["host"] = f"{platform.machine()} {platform.processor() or ''} {host_cores} cores"
-        figures["host"] = " ".join(figures["host"].split())
-        return PassOutput(model, figures)
+        return PassOutput(model, run_worker("packager.measure_worker", str(request_path)))
+
+
+def run_worker(module: str, argument: str) -> dict:
+    """Run a measuring worker in a fresh process; its figures plus this host's description.
+
+    A fresh process keeps peak-memory figures free of the packager's own allocations.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", module, argument], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise PassFailedError(f"measuring failed: {done.stderr.strip()[-2000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    host = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count() or 1} cores"
+    figures["host"] = " ".join(host.split())
+    return figures

@@ -122,7 +122,8 @@ def test_ctrl_c_stops_generation_with_exit_code_130(
         started = time.monotonic()
 
         process.send_signal(signal.SIGINT)
-        rest, stderr = process.communicate(timeout=10)
+        # generous: on a loaded 2-core CI box, unwinding and freeing the model takes seconds
+        rest, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
@@ -130,7 +131,7 @@ def test_ctrl_c_stops_generation_with_exit_code_130(
 
     assert first
     assert process.returncode == 130
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60
     stderr_text = stderr.decode(errors="replace")
     assert re.search(r"^\[stopped after \d+ tokens\]$", stderr_text, re.MULTILINE), stderr_text
     assert "Traceback" not in stderr_text and "KeyboardInterrupt" not in stderr_text

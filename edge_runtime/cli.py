@@ -218,7 +218,12 @@ def generate(
     context_length: int | None,
 ) -> None:
     """Stream a completion of PROMPT from a language-model BUNDLE; Ctrl-C stops it."""
+    import signal
     import sys
+
+    # A parent that ignores SIGINT (a background job, some supervisors) passes that on, and
+    # Python then never raises KeyboardInterrupt: Ctrl-C or `kill -INT` would not stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from .runtime import Runtime
 

@@ -112,8 +112,14 @@ def test_ctrl_c_stops_generation_with_exit_code_130(
     command, env = edge_runtime_command
     args = ["generate", smollm2_pi5_bundle, "--pubkey", keypair[1], "Once upon a time"]
     args += ["--max-tokens", "100000", "--context-length", "4096", "--temperature", "0"]
+    # SIGINT ignored in the child from the start, as a background job has it: generate must
+    # still stop on it.
     process = subprocess.Popen(
-        [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [*command, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         ready, _, _ = select.select([process.stdout], [], [], 120)

@@ -61,6 +61,7 @@ class BackendSpec(StrictModel):
     enable_cpu_mem_arena: bool = False
     allow_spinning: bool = Field(True, description="ONNX Runtime worker threads spin-wait")
     gpu_layers: int = Field(0, ge=-1, description="llama.cpp layers offloaded to the GPU; -1 = all")
+    xnnpack: bool = Field(True, description="TFLite: apply the XNNPACK CPU delegate")
 
 
 class ModelSpec(StrictModel):
@@ -69,6 +70,7 @@ class ModelSpec(StrictModel):
     opset: int | None = None
     precision: str
     recipe: str
+    signature: str | None = Field(None, description="TFLite: the signature the inputs come from")
 
 
 class Attempt(StrictModel):

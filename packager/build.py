@@ -38,15 +38,16 @@ from .passes import (
     OnnxValidate,
     Package,
     PassContext,
+    TfliteValidate,
     get_pass,
 )
-from .passes.base import PassFailedError
+from .passes.base import PassFailedError, RecipeSkippedError
 from .passes.evaluate import SOURCE_KEY
 from .passes.package import REQUEST_KEY, PackageRequest
 from .profiles import DeviceProfile
 from .recipes import resolve_chain
 
-MODEL_FORMATS = {".onnx": "onnx", ".gguf": "gguf"}
+MODEL_FORMATS = {".onnx": "onnx", ".gguf": "gguf", ".tflite": "tflite"}
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin"}
 # Without a measurement the fit check uses this estimate: ONNX Runtime holds the weights
 # once plus pre-packed copies of some of them, and a little for activations and the engine.
@@ -59,15 +60,15 @@ class BuildConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    model: Path = Field(description="source model file (.onnx or .gguf)")
+    model: Path = Field(description="source model file (.onnx, .tflite or .gguf)")
     profile: DeviceProfile
     key: Path = Field(description="Ed25519 private key (PEM) that signs the bundle")
     output: Path = Field(description="the .edgepkg to write")
     calibration: Path | None = Field(None, description="calibration .npz (static int8)")
     eval: Path | None = Field(
         None,
-        description="held-out evaluation .npz (ONNX, required) or .txt (GGUF; default: the "
-        "text shipped with edgepack)",
+        description="held-out evaluation .npz (ONNX and TFLite, required) or .txt (GGUF; "
+        "default: the text shipped with edgepack)",
     )
     max_degradation: float = Field(0.01, ge=0, le=1, description="accuracy gate threshold")
     quant: str | None = Field(None, description="GGUF: one llama.cpp type instead of the chain")
@@ -109,9 +110,15 @@ def _created_epoch(model: Path) -> int:
     return int(model.stat().st_mtime)
 
 
-def tool_versions() -> dict[str, str]:
+TOOL_DISTRIBUTIONS = {
+    "onnx": ("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
+    "tflite": ("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
+}
+
+
+def tool_versions(model_format: str = "onnx") -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in ("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"):
+    for dist in TOOL_DISTRIBUTIONS[model_format]:
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -124,7 +131,8 @@ def detect_format(model: Path) -> str:
     if suffix in PICKLE_SUFFIXES:
         raise ModelValidationError(
             f"{model.name}: pickle-based model formats are refused (loading them can run "
-            "arbitrary code); export to ONNX first, e.g. with torch.onnx.export"
+            "arbitrary code); export to ONNX first (torch.onnx.export) or convert to "
+            "TFLite (litert_torch.convert)"
         )
     if suffix not in MODEL_FORMATS:
         raise ModelValidationError(
@@ -156,7 +164,10 @@ def build_bundle(
     else:
         chain = resolve_chain(profile, config.recipe, model_format)
         if config.eval is None:
-            raise PackagerError("an ONNX build needs --eval FILE.npz (held-out inputs)")
+            raise PackagerError(
+                f"a{'n ONNX' if model_format == 'onnx' else ' TFLite'} build needs "
+                "--eval FILE.npz (held-out inputs, one array per model input)"
+            )
     load_private_key(config.key)  # a bad key should fail now, not after minutes of work
 
     own_workdir = config.workdir is None
@@ -168,25 +179,18 @@ def build_bundle(
 
             return build_gguf_bundle(config, ctx, progress, started, _created_epoch(config.model))
         source = ModelArtifact(config.model, model_format)
-
-        progress("validate: onnx checker, opset, external data")
-        validated, _ = OnnxValidate().run(source, ctx)
+        validated, optimized = _validate_and_optimize(source, ctx, progress)
         inputs, outputs = validated.metrics["inputs"], validated.metrics["outputs"]
         input_names = [spec.name for spec in inputs]
         ctx.evaluation, ctx.labels = load_npz(config.eval, input_names, "eval")
+        check_data(inputs, ctx.evaluation, config.eval)
         if config.calibration is not None:
             ctx.calibration, _ = load_npz(config.calibration, input_names, "calibration")
+            check_data(inputs, ctx.calibration, config.calibration)
         ctx.task = _resolve_task(config.task, ctx.labels)
         ctx.cache[SOURCE_KEY] = config.model
 
-        progress(f"optimize: ONNX Runtime graph optimization ({profile.onnx.graph_optimization})")
-        optimized, _ = OnnxGraphOptimize({"level": profile.onnx.graph_optimization}).run(
-            source, ctx
-        )
-
-        attempts, chosen, chosen_metrics = _try_chain(
-            config, ctx, chain, optimized.artifact, progress
-        )
+        attempts, chosen, chosen_metrics = _try_chain(config, ctx, chain, optimized, progress)
 
         measurements = None
         if config.measure:
@@ -211,20 +215,15 @@ def build_bundle(
             created_epoch=_created_epoch(config.model),
             inputs=inputs,
             outputs=outputs,
-            opset=validated.metrics["opset"],
+            opset=validated.metrics.get("opset"),
+            signature=validated.metrics.get("signature"),
             recipe=chosen_metrics["recipe"],
             chosen_metrics=chosen_metrics["metrics"],
             quantization=quantization,
             memory=memory,
             measurements=measurements,
-            tools=tool_versions(),
-            backend=BackendSpec(
-                name="onnx",
-                providers=profile.onnx.providers,
-                intra_op_threads=profile.onnx.threads,
-                enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
-                allow_spinning=profile.onnx.allow_spinning,
-            ),
+            tools=tool_versions(model_format),
+            backend=backend_spec(profile, model_format),
         )
         attach_wheelhouse(config, ctx, progress)
         packaged, _ = Package().run(chosen, ctx)
@@ -234,6 +233,57 @@ def build_bundle(
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _validate_and_optimize(source: ModelArtifact, ctx: PassContext, progress):
+    """The format's validation pass, then (ONNX) offline graph optimization."""
+    if source.format == "tflite":
+        progress("validate: flatbuffer structure, interpreter load, signature")
+        validated, _ = TfliteValidate().run(source, ctx)
+        facts = validated.metrics["facts"]
+        progress(
+            f"validate: {validated.metrics['interpreter']}, {facts.operators} operators, "
+            f"{validated.artifact.precision} weights"
+        )
+        return validated, validated.artifact
+    progress("validate: onnx checker, opset, external data")
+    validated, _ = OnnxValidate().run(source, ctx)
+    level = ctx.profile.onnx.graph_optimization
+    progress(f"optimize: ONNX Runtime graph optimization ({level})")
+    optimized, _ = OnnxGraphOptimize({"level": level}).run(source, ctx)
+    return validated, optimized.artifact
+
+
+def backend_spec(profile: DeviceProfile, model_format: str) -> BackendSpec:
+    if model_format == "tflite":
+        return BackendSpec(
+            name="tflite",
+            intra_op_threads=profile.tflite.threads,
+            xnnpack=profile.tflite.xnnpack,
+        )
+    return BackendSpec(
+        name="onnx",
+        providers=profile.onnx.providers,
+        intra_op_threads=profile.onnx.threads,
+        enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
+        allow_spinning=profile.onnx.allow_spinning,
+    )
+
+
+def check_data(specs, arrays: dict, path: Path) -> None:
+    """Refuse data whose dtype or fixed sizes cannot feed the model, before any work."""
+    from edge_runtime.errors import InputSignatureError
+    from edge_runtime.runtime import check_inputs
+
+    from .data import sample
+    from .errors import DataError
+
+    try:
+        check_inputs(specs, sample(arrays, 0))
+    except InputSignatureError as exc:
+        raise DataError(
+            f"{path}: {exc} (the model takes one sample per call on its first axis)"
+        ) from None
 
 
 def attach_wheelhouse(config: BuildConfig, ctx: PassContext, progress) -> None:
@@ -284,6 +334,10 @@ def _try_chain(config, ctx, chain, optimized: ModelArtifact, progress):
                 f"{recipe.name}: evaluating on {len(next(iter(ctx.evaluation.values())))} samples"
             )
             evaluated, _ = Evaluate({"max_degradation": config.max_degradation}).run(candidate, ctx)
+        except RecipeSkippedError as exc:
+            attempts.append(Attempt(recipe=recipe.name, status="skipped", reason=str(exc)[:500]))
+            progress(f"{recipe.name}: skipped: {exc}")
+            continue
         except PassFailedError as exc:
             attempts.append(Attempt(recipe=recipe.name, status="error", reason=str(exc)[:500]))
             progress(f"{recipe.name}: error: {exc}")

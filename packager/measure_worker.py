@@ -1,4 +1,4 @@
-"""Measure one ONNX model in a fresh process: load time, latency, peak memory.
+"""Measure one ONNX or TFLite model in a fresh process: load time, latency, peak memory.
 
 Run as ``python -m packager.measure_worker REQUEST.json``; prints one JSON line.
 A fresh process keeps the peak-memory figure free of the packager's own allocations.
@@ -39,9 +39,29 @@ def _peak_rss_mb() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _load_onnx(request: dict):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = request["threads"]
+    options.enable_cpu_mem_arena = request["cpu_mem_arena"]
+    if not request["allow_spinning"]:  # as the device runtime will run it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(request["model"], options, providers=request["providers"])
+    return lambda inputs: session.run(None, inputs)
+
+
+def _load_tflite(request: dict):
+    from pathlib import Path
+
+    from edge_runtime.backends.tflite import TfliteSession
+
+    # The same session class the device backend runs the model with.
+    return TfliteSession(Path(request["model"]), request["threads"], request["xnnpack"]).run
+
+
 def main(request_path: str) -> None:
     import numpy as np
-    import onnxruntime as ort
 
     with open(request_path, encoding="utf-8") as handle:
         request = json.load(handle)
@@ -49,20 +69,15 @@ def main(request_path: str) -> None:
         inputs = {key: data[key] for key in data.files}
     _reset_peak()
     baseline = _status_mb("VmRSS") or _peak_rss_mb()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = request["threads"]
-    options.enable_cpu_mem_arena = request["cpu_mem_arena"]
-    if not request["allow_spinning"]:  # as the device runtime will run it
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     started = time.perf_counter()
-    session = ort.InferenceSession(request["model"], options, providers=request["providers"])
+    run = _load_tflite(request) if request.get("format") == "tflite" else _load_onnx(request)
     load_seconds = time.perf_counter() - started
     for _ in range(request["warmup"]):
-        session.run(None, inputs)
+        run(inputs)
     timings = []
     for _ in range(request["runs"]):
         started = time.perf_counter()
-        session.run(None, inputs)
+        run(inputs)
         timings.append((time.perf_counter() - started) * 1000)
     print(
         json.dumps(

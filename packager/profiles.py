@@ -71,6 +71,29 @@ class GgufTargetConfig(StrictConfig):
     context_length: int = Field(2048, gt=0, description="context length the device will use")
 
 
+class TfliteTargetConfig(StrictConfig):
+    threads: int = Field(0, ge=0, description="interpreter threads; 0 lets LiteRT decide")
+    xnnpack: bool = Field(
+        True,
+        description="apply the XNNPACK CPU delegate (LiteRT's fast float and int8 kernels); "
+        "turn off only to work around a delegate bug",
+    )
+    recipes: list[str] = Field(
+        default_factory=lambda: ["int8-static", "int8-dynamic", "fp16", "as-is"],
+        min_length=1,
+        description="TFLite quantization recipes to try, most compressed first",
+    )
+
+    @field_validator("recipes")
+    @classmethod
+    def _known_recipes(cls, names: list[str]) -> list[str]:
+        from .recipes import get_recipe  # lazy: recipes imports the passes, which import this
+
+        for name in names:
+            get_recipe(name, "tflite")
+        return names
+
+
 class PythonTargetConfig(StrictConfig):
     platform_tag: str = Field(description="wheel platform tag, e.g. manylinux_2_28_aarch64")
     python_version: str = Field(description="CPython version on the device, e.g. 3.11")
@@ -87,6 +110,8 @@ class DeviceProfile(StrictConfig):
     accelerator: Accelerator = Field(description="inference accelerator, or none")
     onnx: OnnxTargetConfig
     gguf: GgufTargetConfig
+    # Optional, so profiles written before TFLite support still load.
+    tflite: TfliteTargetConfig = Field(default_factory=TfliteTargetConfig)
     python: PythonTargetConfig
 
 

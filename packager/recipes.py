@@ -22,9 +22,13 @@ class Recipe:
     needs_calibration: bool = False
 
 
-RECIPES: dict[str, Recipe] = {
-    recipe.name: recipe
-    for recipe in [
+def _by_name(*recipes: Recipe) -> dict[str, Recipe]:
+    return {recipe.name: recipe for recipe in recipes}
+
+
+# Recipes per source format; a name means the same intent in each (e.g. fp16 weights).
+RECIPES: dict[str, dict[str, Recipe]] = {
+    "onnx": _by_name(
         Recipe(
             "int8-static-qdq-per-channel",
             "int8 weights and activations, QDQ, per-channel weight scales, calibrated ranges",
@@ -42,16 +46,39 @@ RECIPES: dict[str, Recipe] = {
             [("OnnxToFloat16", {"keep_io_types": True})],
         ),
         Recipe("fp32", "the optimized float32 graph, unquantized"),
-    ]
+    ),
+    "tflite": _by_name(
+        Recipe(
+            "int8-static",
+            "int8 weights and activations, ranges calibrated on --calibration data "
+            "(ai-edge-quantizer); float inputs and outputs",
+            [("TfliteQuantize", {"mode": "int8-static"})],
+            needs_calibration=True,
+        ),
+        Recipe(
+            "int8-dynamic",
+            "int8 per-channel weights, activations quantized at run time (ai-edge-quantizer)",
+            [("TfliteQuantize", {"mode": "int8-dynamic"})],
+        ),
+        Recipe(
+            "fp16",
+            "float16 weights, dequantized to float32 when the model loads (ai-edge-quantizer)",
+            [("TfliteQuantize", {"mode": "fp16"})],
+        ),
+        # Also the end of the chain for a source that is already quantized.
+        Recipe("as-is", "the source model as it is, not quantized by edgepack"),
+    ),
 }
 
 
-def get_recipe(name: str) -> Recipe:
+def get_recipe(name: str, model_format: str = "onnx") -> Recipe:
+    known = RECIPES.get(model_format, {})
     try:
-        return RECIPES[name]
+        return known[name]
     except KeyError:
         raise PackagerError(
-            f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}"
+            f"unknown {model_format} recipe {name!r}; known {model_format} recipes: "
+            f"{', '.join(known)}"
         ) from None
 
 
@@ -62,8 +89,9 @@ def resolve_chain(profile: DeviceProfile, forced: str | None, model_format: str)
         PackagerError: an unknown recipe name.
         IncompatiblePassError: a recipe's pass cannot serve the profile.
     """
-    names = [forced] if forced else list(profile.onnx.recipes)
-    chain = [get_recipe(name) for name in names]
+    listed = profile.tflite.recipes if model_format == "tflite" else profile.onnx.recipes
+    names = [forced] if forced else list(listed)
+    chain = [get_recipe(name, model_format) for name in names]
     for recipe in chain:
         for pass_name, config in recipe.passes:
             pass_class = get_pass(pass_name)

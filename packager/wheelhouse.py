@@ -36,6 +36,7 @@ TELEMETRY_REQUIREMENTS = ["paho-mqtt>=2.1", "pyyaml>=6"]
 BACKEND_REQUIREMENTS = {
     "onnx": ["onnxruntime>=1.17"],
     "llamacpp": ["llama-cpp-python>=0.3.16,<0.4"],
+    "tflite": ["ai-edge-litert>=2.3,<3"],
 }
 BACKEND_MODULES = {"onnx": "onnx.py", "llamacpp": "llamacpp.py", "tflite": "tflite.py"}
 INSTALL_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install-on-device.sh"

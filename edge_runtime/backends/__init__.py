@@ -22,6 +22,7 @@ from ..manifest import Manifest
 BACKENDS: dict[str, str] = {
     "onnx": "edge_runtime.backends.onnx:OnnxBackend",
     "llamacpp": "edge_runtime.backends.llamacpp:LlamaCppBackend",
+    "tflite": "edge_runtime.backends.tflite:TfliteBackend",
 }
 
 

@@ -8,6 +8,7 @@ from .onnx_optimize import OnnxGraphOptimize
 from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
 from .onnx_validate import OnnxValidate
 from .package import Package
+from .tflite import TfliteQuantize, TfliteValidate
 
 __all__ = [
     "PASSES",
@@ -28,5 +29,7 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassOutput",
+    "TfliteQuantize",
+    "TfliteValidate",
     "get_pass",
 ]

@@ -39,6 +39,10 @@ class PassFailedError(PackagerError):
     """A pass could not transform this model (the recipe is recorded as an error)."""
 
 
+class RecipeSkippedError(PassFailedError):
+    """A pass does not apply to this model (the recipe is recorded as skipped, with why)."""
+
+
 @dataclass(frozen=True)
 class ModelArtifact:
     """A model file on disk and what the pipeline knows about it."""

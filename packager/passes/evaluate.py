@@ -19,6 +19,8 @@ SOURCE_KEY = "source_model"
 
 def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run every sample one at a time on the host CPU; stack the outputs."""
+    if model_path.suffix == ".tflite":
+        return _run_tflite_samples(model_path, data)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -29,6 +31,17 @@ def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.n
     for index in range(sample_count(data)):
         for name, value in zip(names, session.run(names, sample(data, index)), strict=True):
             collected[name].append(value)
+    return {name: np.concatenate(values) for name, values in collected.items()}
+
+
+def _run_tflite_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from .tflite import open_session
+
+    session = open_session(model_path)
+    collected: dict[str, list[np.ndarray]] = {}
+    for index in range(sample_count(data)):
+        for name, value in session.run(sample(data, index)).items():
+            collected.setdefault(name, []).append(value)
     return {name: np.concatenate(values) for name, values in collected.items()}
 
 
@@ -85,6 +98,7 @@ class Evaluate(Pass):
 
     name = "Evaluate"
     Config = EvaluateConfig
+    input_formats = frozenset({"onnx", "tflite"})
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         reference = reference_outputs(ctx)

@@ -26,15 +26,20 @@ class Measure(Pass):
 
     name = "Measure"
     Config = MeasureConfig
+    input_formats = frozenset({"onnx", "tflite"})
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         inputs = out_dir / "inputs.npz"
         save_npz_deterministic(inputs, sample(ctx.evaluation, 0))
         host_cores = os.cpu_count() or 1
+        profile = ctx.profile
+        threads = profile.tflite.threads if model.format == "tflite" else profile.onnx.threads
         request = {
             "model": str(model.path),
+            "format": model.format,
             "inputs": str(inputs),
-            "threads": min(ctx.profile.onnx.threads or host_cores, host_cores),
+            "threads": min(threads or host_cores, host_cores),
+            "xnnpack": ctx.profile.tflite.xnnpack,
             "cpu_mem_arena": ctx.profile.onnx.cpu_mem_arena,
             "allow_spinning": ctx.profile.onnx.allow_spinning,
             # The host has no GPU provider to speak of; CPU figures are what it can measure.

@@ -37,7 +37,11 @@ from ..keys import load_private_key
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 from .evaluate import reference_outputs
 
-MODEL_MEMBERS = {"onnx": "model/model.onnx", "gguf": "model/model.gguf"}
+MODEL_MEMBERS = {
+    "onnx": "model/model.onnx",
+    "gguf": "model/model.gguf",
+    "tflite": "model/model.tflite",
+}
 SELFTEST_MEMBER = "selftest/vectors.npz"
 REQUEST_KEY = "package_request"
 _BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
@@ -66,6 +70,7 @@ class PackageRequest:
     selftest: TokenSelfTestSpec | None = None
     llm: LlmSpec | None = None
     wheelhouse: WheelhouseSpec | None = None
+    signature: str | None = None  # TFLite: the signature the inputs and outputs come from
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -151,6 +156,7 @@ class Package(Pass):
                 opset=request.opset,
                 precision=model.precision,
                 recipe=request.recipe,
+                signature=request.signature,
             ),
             files=files,
             inputs=request.inputs,

@@ -38,6 +38,7 @@ def test_requirements_match_pyproject():
     assert extras["telemetry"] == wheelhouse.TELEMETRY_REQUIREMENTS
     assert wheelhouse.BACKEND_REQUIREMENTS["onnx"] == extras["onnx"]
     assert wheelhouse.BACKEND_REQUIREMENTS["llamacpp"] == extras["llm"]
+    assert wheelhouse.BACKEND_REQUIREMENTS["tflite"] == extras["tflite"]
 
 
 def test_platform_tags_widen_to_older_glibc():
@@ -48,7 +49,9 @@ def test_platform_tags_widen_to_older_glibc():
     assert platform_tags("linux_armv7l") == ["linux_armv7l"]
 
 
-@pytest.mark.parametrize("backend, other", [("onnx", "llamacpp"), ("llamacpp", "onnx")])
+@pytest.mark.parametrize(
+    "backend, other", [("onnx", "llamacpp"), ("llamacpp", "tflite"), ("tflite", "onnx")]
+)
 def test_runtime_wheel_holds_one_backend_and_a_valid_record(tmp_path, backend, other):
     wheel = build_runtime_wheel(tmp_path, backend, "1.2.3")
 

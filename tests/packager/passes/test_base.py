@@ -44,7 +44,7 @@ def test_impossible_profile_and_pass_pair_is_refused_before_running(tmp_path):
 
 
 def test_unknown_recipe_lists_known_ones():
-    with pytest.raises(PackagerError, match="known recipes: int8-static-qdq-per-channel"):
+    with pytest.raises(PackagerError, match="known onnx recipes: int8-static-qdq-per-channel"):
         resolve_chain(load_profile("raspberry-pi-4"), "int4", "onnx")
 
 

@@ -59,7 +59,8 @@ def cli() -> None:
     "eval_path",
     type=click.Path(path_type=Path),
     help="ONNX and TFLite (required): held-out .npz in the same layout; an optional "
-    "'labels' array adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: a text shipped with edgepack).",
+    "'labels' array adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: a text "
+    "shipped with edgepack).",
 )
 @click.option(
     "--max-degradation",

@@ -50,6 +50,12 @@ def digits_example(model_cache) -> ExampleModel:
 
 
 @pytest.fixture(scope="session")
+def digits_tflite_example(model_cache) -> ExampleModel:
+    """The digits CNN converted by litert-torch (builds its converter venv on first use)."""
+    return make_example("digits-cnn-tflite", model_cache)
+
+
+@pytest.fixture(scope="session")
 def minilm_example(model_cache) -> ExampleModel:
     return make_example("minilm", model_cache)
 
@@ -74,6 +80,29 @@ def cnn_bundle(digits_example, keypair, tmp_path_factory) -> Path:
     """The digits CNN packaged for x86-64-avx2 (static int8 QDQ passes the gate)."""
     output = tmp_path_factory.mktemp("bundles") / "digits-x86.edgepkg"
     build_example(digits_example, keypair[0], output, "x86-64-avx2")
+    return output
+
+
+@pytest.fixture(scope="session")
+def tflite_pi4_bundle(digits_tflite_example, keypair, tmp_path_factory) -> Path:
+    """The converted digits CNN for raspberry-pi-4 (full int8 passes the gate)."""
+    output = tmp_path_factory.mktemp("bundles") / "digits-tflite-pi4.edgepkg"
+    build_example(digits_tflite_example, keypair[0], output, "raspberry-pi-4")
+    return output
+
+
+@pytest.fixture(scope="session")
+def tflite_x86_bundle(digits_tflite_example, keypair, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("bundles") / "digits-tflite-x86.edgepkg"
+    build_example(digits_tflite_example, keypair[0], output, "x86-64-avx2")
+    return output
+
+
+@pytest.fixture(scope="session")
+def tflite_fp32_bundle(digits_tflite_example, keypair, tmp_path_factory) -> Path:
+    """The float model as it is, for raspberry-pi-4."""
+    output = tmp_path_factory.mktemp("bundles") / "digits-tflite-fp32.edgepkg"
+    build_example(digits_tflite_example, keypair[0], output, "raspberry-pi-4", recipe="as-is")
     return output
 
 

@@ -55,7 +55,16 @@ def import_interpreter(wanted: str | None = None) -> tuple[str, Any]:
     problems = []
     for name in [wanted] if wanted else INTERPRETERS:
         try:
-            return name, importlib.import_module(f"{name}.interpreter")
+            module = importlib.import_module(f"{name}.interpreter")
+            if name == "tflite_runtime" and int(np.__version__.split(".")[0]) >= 2:
+                # Its last release (2.14) was compiled against numpy 1.x: it imports, then
+                # fails with SystemError when it creates an interpreter.
+                problems.append(
+                    f"tflite_runtime: its extension was built for numpy 1.x and numpy "
+                    f"{np.__version__} is installed (pip install 'numpy<2')"
+                )
+                continue
+            return name, module
         except ModuleNotFoundError as exc:
             if exc.name is None or not name.startswith(exc.name.split(".")[0]):
                 problems.append(f"{name}: {exc}")  # installed, but a dependency is missing
@@ -115,7 +124,7 @@ class TfliteSession:
                 else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
             )
             self._bind(signature)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, SystemError) as exc:
             raise BackendError(f"{self.package} could not load {model_path.name}: {exc}") from exc
         # One interpreter runs one inference at a time; callers may share the Runtime.
         self._lock = threading.Lock()
@@ -131,12 +140,15 @@ class TfliteSession:
             runner = interpreter.get_signature_runner(self.signature)
             inputs, outputs = runner.get_input_details(), runner.get_output_details()
             # A signature on another subgraph than the first needs the runner to invoke it.
+            # Otherwise drop it: the interpreter refuses to run while it holds a reference.
             if getattr(runner, "_subgraph_index", 0) != 0:
                 self.runner = runner
+            del runner
         else:
             inputs = {d["name"]: d for d in interpreter.get_input_details()}
             outputs = {d["name"]: d for d in interpreter.get_output_details()}
-        interpreter.allocate_tensors()
+        if self.runner is None:
+            interpreter.allocate_tensors()
         self.input_details, self.output_details = inputs, outputs
         self._inputs = {name: d["index"] for name, d in inputs.items()}
         self._outputs = {name: d["index"] for name, d in outputs.items()}

@@ -11,15 +11,15 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES = ("minilm", "digits-cnn", "smollm2")
+EXAMPLES = ("minilm", "digits-cnn", "digits-cnn-tflite", "smollm2")
 
 
 @dataclass(frozen=True)
 class ExampleModel:
     """Paths of one example: the source model and its calibration and eval data.
 
-    ONNX examples carry ``.npz`` data; the GGUF example carries an evaluation text and
-    no calibration data.
+    ONNX and TFLite examples carry ``.npz`` data; the GGUF example carries an evaluation
+    text and no calibration data.
     """
 
     model: Path
@@ -43,6 +43,10 @@ def make_example(name: str, out_dir: Path) -> ExampleModel:
         from .digits import train_digits_cnn
 
         return train_digits_cnn(out_dir)
+    if name == "digits-cnn-tflite":
+        from .digits import convert_digits_tflite
+
+        return convert_digits_tflite(out_dir)
     if name == "smollm2":
         from .smollm2 import make_smollm2_source
 

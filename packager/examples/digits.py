@@ -8,9 +8,13 @@ import numpy as np
 
 from . import ExampleModel
 from .data_io import save_npz_deterministic
+from .digits_net import build_digits_cnn
 
 SEED = 0
 EPOCHS = 30
+# The trained weights as plain arrays (state_dict keys), not a pickle: the LiteRT converter
+# venv rebuilds the same network from them (see convert_digits_tflite).
+WEIGHTS_NAME = "digits-cnn-weights.npz"
 
 
 def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -28,7 +32,7 @@ def train_digits_cnn(out_dir: Path) -> ExampleModel:
     """Train the CNN and write ``digits-cnn.onnx`` plus calibration and eval data.
 
     The eval file also holds ``labels``, so the packager reports accuracy as well as
-    top-1 agreement with the fp32 model.
+    top-1 agreement with the fp32 model. The trained weights go to ``WEIGHTS_NAME``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ExampleModel(
@@ -36,26 +40,15 @@ def train_digits_cnn(out_dir: Path) -> ExampleModel:
         calibration=out_dir / "digits-calibration.npz",
         eval=out_dir / "digits-eval.npz",
     )
-    if all(path.exists() for path in (result.model, result.calibration, result.eval)):
+    weights = out_dir / WEIGHTS_NAME
+    if all(path.exists() for path in (result.model, result.calibration, result.eval, weights)):
         return result
 
     import torch
 
     torch.manual_seed(SEED)
     x_train, x_test, y_train, y_test = load_digits_split()
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32 * 4 * 4, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
+    net = build_digits_cnn()
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     images, targets = torch.from_numpy(x_train), torch.from_numpy(y_train)
     generator = torch.Generator().manual_seed(SEED)
@@ -83,5 +76,31 @@ def train_digits_cnn(out_dir: Path) -> ExampleModel:
         )
     save_npz_deterministic(result.calibration, {"image": x_train[:200]})
     save_npz_deterministic(result.eval, {"image": x_test, "labels": y_test})
+    save_npz_deterministic(
+        weights, {name: tensor.numpy() for name, tensor in net.state_dict().items()}
+    )
     partial.replace(result.model)
+    return result
+
+
+def convert_digits_tflite(out_dir: Path) -> ExampleModel:
+    """The trained CNN converted to ``digits-cnn.tflite`` by litert-torch (Google's converter).
+
+    Signature ``serving_default``: input ``image`` float32 [1, 1, 8, 8] (the batch is fixed at
+    1), output ``logits`` float32 [1, 10], so the ONNX example's calibration and eval data fit
+    it too. litert-torch runs in its own venv (see ``converter_venv``); the first call builds
+    it, which downloads 1.1 GiB and takes a minute or more.
+    """
+    trained = train_digits_cnn(out_dir)
+    result = ExampleModel(
+        model=out_dir / "digits-cnn.tflite", calibration=trained.calibration, eval=trained.eval
+    )
+    if result.model.exists():
+        return result
+
+    from .converter_venv import run_converter_script
+
+    run_converter_script(
+        Path(__file__).with_name("_litert_convert.py"), out_dir / WEIGHTS_NAME, result.model
+    )
     return result

@@ -9,6 +9,7 @@ TensorFlow converter's post-training options; it runs offline on the .tflite fil
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +111,12 @@ class TfliteQuantize(Pass):
             engine.load_quantization_recipe(recipe.dynamic_wi8_afp32())
         elif mode == "int8-static":
             engine.load_quantization_recipe(recipe.static_wi8_ai8())
+            # Keep float inputs and outputs (a QUANTIZE/DEQUANTIZE pair at the edges), so
+            # callers feed the same arrays as to the float model.
+            for edge in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+                engine.update_quantization_recipe(
+                    regex=".*", operation_name=edge, algorithm_key=AlgorithmName.NO_QUANTIZE
+                )
         else:
             engine.add_weight_only_config(
                 regex=".*",
@@ -117,10 +124,14 @@ class TfliteQuantize(Pass):
                 num_bits=16,
                 algorithm_key=AlgorithmName.FLOAT_CASTING,
             )
-        calibration = None
-        if engine.need_calibration:
-            calibration = engine.calibrate(self._calibration_data(model, ctx))
-        result = engine.quantize(calibration, enable_progress_report=False)
+        with warnings.catch_warnings():
+            # The quantizer keeps every intermediate tensor on purpose; the interpreter's
+            # warning about that is meant for people who turn it on by hand.
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+            calibration = None
+            if engine.need_calibration:
+                calibration = engine.calibrate(self._calibration_data(model, ctx))
+            result = engine.quantize(calibration, enable_progress_report=False)
         output = out_dir / "model.tflite"
         result.export_model(str(output), overwrite=True)
         check_tflite(output)  # the quantizer's own output must still be a sound model

@@ -54,6 +54,7 @@ class Runtime:
         self._backend = backend
         self._owns_dir = owns_dir
         self._generative = verified.manifest.llm is not None
+        self._check_inputs = InputChecker(verified.manifest.inputs)
         self._telemetry: TelemetryHook | None = None
         self.telemetry = telemetry
 
@@ -164,11 +165,12 @@ class Runtime:
             self._backend.run(inputs)  # raises BackendError: use generate()
         telemetry = self._telemetry
         if telemetry is None:
-            check_inputs(self.manifest.inputs, inputs)
-            return self._backend.run(dict(inputs))
+            self._check_inputs(inputs)
+            # Backends only read the dict; copy other mappings into one.
+            return self._backend.run(inputs if type(inputs) is dict else dict(inputs))
         started = _clock()
         try:
-            check_inputs(self.manifest.inputs, inputs)
+            self._check_inputs(inputs)
             outputs = self._backend.run(dict(inputs))
         except Exception as exc:
             telemetry.record(_clock() - started, False, error=f"{exc}"[:500])
@@ -306,38 +308,74 @@ class Runtime:
 
 def check_inputs(specs: list[TensorSpec], inputs: Mapping[str, Any]) -> None:
     """Raise InputSignatureError unless ``inputs`` match ``specs`` exactly."""
-    expected = "expected " + ", ".join(spec.describe() for spec in specs)
+    try:
+        _check_inputs(specs, inputs)
+    except _Mismatch as mismatch:
+        expected = "expected " + ", ".join(spec.describe() for spec in specs)
+        raise InputSignatureError(f"{mismatch}; {expected}") from None
+
+
+class _Mismatch(Exception):
+    """What is wrong with the inputs; check_inputs adds the expected signature."""
+
+
+def _check_inputs(specs: list[TensorSpec], inputs: Mapping[str, Any]) -> None:
     if not isinstance(inputs, Mapping):
-        raise InputSignatureError(f"inputs must be a dict of name -> numpy array; {expected}")
+        raise _Mismatch("inputs must be a dict of name -> numpy array")
     names = {spec.name for spec in specs}
     missing, extra = sorted(names - set(inputs)), sorted(set(inputs) - names)
     if missing or extra:
-        raise InputSignatureError(f"missing inputs {missing}, unknown inputs {extra}; {expected}")
+        raise _Mismatch(f"missing inputs {missing}, unknown inputs {extra}")
     free_dims: dict[str, int] = {}
     for spec in specs:
         value = inputs[spec.name]
         if not isinstance(value, np.ndarray):
-            raise InputSignatureError(
-                f"input {spec.name!r} is a {type(value).__name__}, not a numpy array; {expected}"
-            )
+            raise _Mismatch(f"input {spec.name!r} is a {type(value).__name__}, not a numpy array")
         if value.dtype != np.dtype(spec.dtype):
-            raise InputSignatureError(
-                f"input {spec.name!r} has dtype {value.dtype}, needs {spec.dtype}; {expected}"
-            )
+            raise _Mismatch(f"input {spec.name!r} has dtype {value.dtype}, needs {spec.dtype}")
         if value.ndim != len(spec.shape):
-            raise InputSignatureError(
+            raise _Mismatch(
                 f"input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), "
-                f"needs rank {len(spec.shape)}; {expected}"
+                f"needs rank {len(spec.shape)}"
             )
         for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
             if isinstance(dim, int):
                 if size != dim:
-                    raise InputSignatureError(
-                        f"input {spec.name!r} has size {size} on axis {axis}, needs {dim}; "
-                        f"{expected}"
+                    raise _Mismatch(
+                        f"input {spec.name!r} has size {size} on axis {axis}, needs {dim}"
                     )
             elif free_dims.setdefault(dim, size) != size:
-                raise InputSignatureError(
+                raise _Mismatch(
                     f"input {spec.name!r} has {dim}={size} but another input has "
-                    f"{dim}={free_dims[dim]}; {expected}"
+                    f"{dim}={free_dims[dim]}"
                 )
+
+
+class InputChecker:
+    """``check_inputs`` for one signature, prepared once per loaded bundle.
+
+    The common case, a plain dict of arrays with the right names, dtypes and fixed shapes,
+    costs a few comparisons: a small TFLite model runs in microseconds, so the check must
+    too. Anything else goes through ``check_inputs``, which accepts the rest (free
+    dimensions) or raises with the full message.
+    """
+
+    def __init__(self, specs: list[TensorSpec]) -> None:
+        self.specs = specs
+        fixed = all(isinstance(dim, int) for spec in specs for dim in spec.shape)
+        self._plan = (
+            tuple((spec.name, np.dtype(spec.dtype), tuple(spec.shape)) for spec in specs)
+            if fixed
+            else None
+        )
+
+    def __call__(self, inputs: Mapping[str, Any]) -> None:
+        plan = self._plan
+        if plan is not None and type(inputs) is dict and len(inputs) == len(plan):
+            for name, dtype, shape in plan:
+                value = inputs.get(name)
+                if type(value) is not np.ndarray or value.dtype != dtype or value.shape != shape:
+                    break
+            else:
+                return
+        check_inputs(self.specs, inputs)

@@ -150,9 +150,13 @@ class TfliteSession:
         if self.runner is None:
             interpreter.allocate_tensors()
         self.input_details, self.output_details = inputs, outputs
-        self._inputs = {name: d["index"] for name, d in inputs.items()}
-        self._outputs = {name: d["index"] for name, d in outputs.items()}
+        self.input_indices = {name: d["index"] for name, d in inputs.items()}
+        self.output_indices = {name: d["index"] for name, d in outputs.items()}
         self._shapes = {name: tuple(int(n) for n in d["shape"]) for name, d in inputs.items()}
+        # Only a model with a free dimension (-1 in its shape signature) ever needs a resize.
+        self._resizable = any(
+            -1 in list(d.get("shape_signature", d["shape"])) for d in inputs.values()
+        )
 
     def input_specs(self) -> list[TensorSpec]:
         return _specs(self.input_details)
@@ -165,20 +169,26 @@ class TfliteSession:
         with self._lock:
             if self.runner is not None:
                 return self.runner(**inputs)
-            resized = False
+            if self._resizable:
+                self._resize(inputs)
             for name, value in inputs.items():
-                if value.shape != self._shapes[name]:
-                    # A free dimension changed size: resize once, not on every call.
-                    interpreter.resize_tensor_input(self._inputs[name], value.shape)
-                    self._shapes[name] = value.shape
-                    resized = True
-            if resized:
-                interpreter.allocate_tensors()
-            for name, value in inputs.items():
-                interpreter.set_tensor(self._inputs[name], value)
+                interpreter.set_tensor(self.input_indices[name], value)
             interpreter.invoke()
             # get_tensor copies, so the caller's arrays outlive the next invoke.
-            return {name: interpreter.get_tensor(index) for name, index in self._outputs.items()}
+            return {
+                name: interpreter.get_tensor(index) for name, index in self.output_indices.items()
+            }
+
+    def _resize(self, inputs: dict[str, np.ndarray]) -> None:
+        """Resize inputs whose free dimension changed size (once, not on every call)."""
+        resized = False
+        for name, value in inputs.items():
+            if value.shape != self._shapes[name]:
+                self.interpreter.resize_tensor_input(self.input_indices[name], value.shape)
+                self._shapes[name] = value.shape
+                resized = True
+        if resized:
+            self.interpreter.allocate_tensors()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -230,6 +240,11 @@ class TfliteBackend(Backend):
     def engine(self):
         """The interpreter object (``ai_edge_litert`` or ``tflite_runtime``)."""
         return self._session.interpreter if self._session else None
+
+    @property
+    def session(self) -> TfliteSession | None:
+        """The loaded session: the interpreter and its tensor indices by name."""
+        return self._session
 
     def info(self) -> dict[str, Any]:
         return self._session.info() if self._session else {}

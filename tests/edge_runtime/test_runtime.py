@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from edge_runtime.backends import create_backend
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.errors import BackendError, InputSignatureError, TrustError
 from edge_runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, TensorSpec, parse_manifest
-from edge_runtime.runtime import Runtime, check_inputs
+from edge_runtime.runtime import InputChecker, Runtime, check_inputs
 from edge_runtime.selftest import cosine_rows, load_vectors, run_selftest
 from edge_runtime.signing import key_id, load_public_key
 from packager.keys import load_private_key
@@ -304,3 +305,47 @@ def test_open_refuses_a_model_the_named_backend_cannot_read(cnn_bundle, keypair,
         Runtime.open(bundle, keypair[1])
 
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+FIXED = [
+    TensorSpec(name="image", dtype="float32", shape=[1, 1, 8, 8]),
+    TensorSpec(name="scale", dtype="int32", shape=[1]),
+]
+GOOD = {"image": np.zeros((1, 1, 8, 8), np.float32), "scale": np.ones(1, np.int32)}
+
+
+class _Wrapped(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        pytest.param(GOOD, id="plain"),
+        pytest.param({**GOOD, "image": GOOD["image"].view(_Wrapped)}, id="ndarray-subclass"),
+        pytest.param(types.MappingProxyType(GOOD), id="read-only-mapping"),
+    ],
+)
+def test_input_checker_accepts_what_check_inputs_accepts(inputs):
+    assert check_inputs(FIXED, inputs) is None
+    assert InputChecker(FIXED)(inputs) is None
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        pytest.param({"image": GOOD["image"]}, id="missing"),
+        pytest.param({**GOOD, "extra": GOOD["scale"]}, id="extra"),
+        pytest.param({**GOOD, "scale": np.ones(1, np.int64)}, id="dtype"),
+        pytest.param({**GOOD, "image": np.zeros((2, 1, 8, 8), np.float32)}, id="batch"),
+        pytest.param({**GOOD, "scale": [1]}, id="list"),
+        pytest.param(list(GOOD.items()), id="not-a-mapping"),
+    ],
+)
+def test_input_checker_refuses_with_the_same_message(inputs):
+    with pytest.raises(InputSignatureError) as direct:
+        check_inputs(FIXED, inputs)
+    with pytest.raises(InputSignatureError) as checked:
+        InputChecker(FIXED)(inputs)
+    assert str(checked.value) == str(direct.value)
+    assert "expected image: float32[1, 1, 8, 8], scale: int32[1]" in str(checked.value)

@@ -1,4 +1,5 @@
-"""The raspberry-pi-4 MiniLM bundle, installed offline and run on an emulated Raspberry Pi OS.
+"""raspberry-pi-4 bundles (MiniLM on ONNX Runtime, the digits CNN on LiteRT), installed
+offline and run on an emulated Raspberry Pi OS.
 
 Debian bookworm arm64 (the base of Raspberry Pi OS bookworm, same CPython 3.11) runs under
 qemu user-mode emulation in a chroot with no network (``scripts/arm64-rootfs.sh``). Inside
@@ -53,6 +54,13 @@ def pi4_bundle_with_wheels(minilm_example, keypair, tmp_path_factory) -> Path:
     return output
 
 
+@pytest.fixture(scope="module")
+def tflite_pi4_bundle_with_wheels(digits_tflite_example, keypair, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("arm64") / "digits-tflite-pi4.edgepkg"
+    build_example(digits_tflite_example, keypair[0], output, "raspberry-pi-4", with_wheels=True)
+    return output
+
+
 def run_inside(folder: Path, script: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     """Run ``script`` with sh in the emulated system, with ``folder`` visible at its path."""
     return subprocess.run(
@@ -64,20 +72,30 @@ def run_inside(folder: Path, script: str, timeout: int = 1200) -> subprocess.Com
     )
 
 
+@pytest.mark.parametrize(
+    "bundle_fixture, example_fixture, engine",
+    [
+        pytest.param("pi4_bundle_with_wheels", "minilm_example", "onnxruntime", id="onnx"),
+        pytest.param(
+            "tflite_pi4_bundle_with_wheels", "digits_tflite_example", "ai_edge_litert", id="tflite"
+        ),
+    ],
+)
 def test_offline_install_selftest_and_run_match_the_host(
-    rootfs, pi4_bundle_with_wheels, keypair, minilm_example
+    request, rootfs, bundle_fixture, example_fixture, engine, keypair
 ):
-    bundle = pi4_bundle_with_wheels
+    bundle = request.getfixturevalue(bundle_fixture)
+    example = request.getfixturevalue(example_fixture)
     folder = bundle.parent
     pubkey = folder / "edgepack.pub"
     shutil.copy(keypair[1], pubkey)
-    with np.load(minilm_example.eval) as data:
+    with np.load(example.eval) as data:
         inputs = {key: data[key][:1] for key in data.files if key != "labels"}
     np.savez(folder / "in.npz", **inputs)
     with Runtime.open(bundle, keypair[1]) as runtime:
         expected = runtime.run(inputs)
         tolerance = runtime.manifest.selftest
-    wheels = folder / "minilm-pi4.wheels"
+    wheels = folder / f"{bundle.stem}.wheels"
 
     done = run_inside(
         folder,
@@ -86,6 +104,7 @@ def test_offline_install_selftest_and_run_match_the_host(
         python3 -c 'import socket; socket.create_connection(("1.1.1.1", 443), 2)' \\
             2>/dev/null && echo NETWORK-UP || echo no-network
         bash {wheels}/install.sh {bundle} --pubkey {pubkey} --venv /tmp/venv
+        /tmp/venv/bin/python -c 'import {engine}; print("engine", {engine}.__name__)'
         /tmp/venv/bin/edge-runtime selftest {bundle} --pubkey {pubkey}
         /tmp/venv/bin/edge-runtime run {bundle} --pubkey {pubkey} \\
             --input {folder}/in.npz --output {folder}/out-arm64.npz
@@ -97,6 +116,7 @@ def test_offline_install_selftest_and_run_match_the_host(
     assert "no-network" in done.stdout and "NETWORK-UP" not in done.stdout
     assert "wheels match the manifest's sha256 (manylinux_2_28_aarch64" in done.stdout
     assert "self-test PASS" in done.stdout
+    assert f"engine {engine}" in done.stdout
     with np.load(folder / "out-arm64.npz") as produced:
         for name, reference in expected.items():
             actual = produced[name]

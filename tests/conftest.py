@@ -56,6 +56,12 @@ def digits_tflite_example(model_cache) -> ExampleModel:
 
 
 @pytest.fixture(scope="session")
+def minilm_tflite_example(model_cache) -> ExampleModel:
+    """MiniLM converted by litert-torch (builds its converter venv on first use)."""
+    return make_example("minilm-tflite", model_cache)
+
+
+@pytest.fixture(scope="session")
 def minilm_example(model_cache) -> ExampleModel:
     return make_example("minilm", model_cache)
 

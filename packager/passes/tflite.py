@@ -8,6 +8,8 @@ TensorFlow converter's post-training options; it runs offline on the .tflite fil
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -130,8 +132,14 @@ class TfliteQuantize(Pass):
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
             calibration = None
             if engine.need_calibration:
-                calibration = engine.calibrate(self._calibration_data(model, ctx))
-            result = engine.quantize(calibration, enable_progress_report=False)
+                data = self._calibration_data(model, ctx)
+                # Its tqdm bar cannot be turned off and would tear through the build's own
+                # progress lines; failures still arrive as exceptions.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    calibration = engine.calibrate(data)
+            result = engine.quantize(
+                calibration, enable_progress_bar=False, enable_progress_report=False
+            )
         output = out_dir / "model.tflite"
         result.export_model(str(output), overwrite=True)
         check_tflite(output)  # the quantizer's own output must still be a sound model

@@ -263,6 +263,31 @@ def test_an_onnx_file_named_tflite_is_refused_by_the_cli(
     assert not (tmp_path / "x.edgepkg").exists()
 
 
+def test_cli_build_prints_the_attempts_without_quantizer_progress_bars(
+    digits_tflite_example, keypair, tmp_path
+):
+    output = tmp_path / "cli.edgepkg"
+    done = edgepack(
+        "build",
+        str(digits_tflite_example.model),
+        "--profile",
+        "raspberry-pi-4",
+        "--key",
+        str(keypair[0]),
+        "--calibration",
+        str(digits_tflite_example.calibration),
+        "--eval",
+        str(digits_tflite_example.eval),
+        "--no-measure",
+        "-o",
+        str(output),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "int8-static: passed the gate" in done.stderr
+    assert "Running Calibration" not in done.stderr + done.stdout
+    assert verify_bundle(output, keypair[1]).manifest.model.recipe == "int8-static"
+
+
 def test_eval_data_of_the_wrong_dtype_is_refused(digits_tflite_example, keypair, tmp_path):
     images, labels = _eval(digits_tflite_example, 20)
     wrong = tmp_path / "eval64.npz"

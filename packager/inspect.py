@@ -28,6 +28,20 @@ def read_manifest_unverified(bundle: Path) -> Manifest:
         raise BundleError(f"{bundle} is not a readable .edgepkg archive: {exc}") from None
 
 
+def _backend_line(manifest: Manifest) -> str:
+    backend = manifest.backend
+    if backend.name == "tflite":
+        return (
+            f"backend    tflite: XNNPACK {'on' if backend.xnnpack else 'off'}, "
+            f"{backend.intra_op_threads or 'LiteRT default'} threads"
+        )
+    return (
+        f"backend    {backend.name} ({' > '.join(backend.providers)}), "
+        f"{backend.intra_op_threads} threads, "
+        f"arena {'on' if backend.enable_cpu_mem_arena else 'off'}"
+    )
+
+
 def summary(manifest: Manifest) -> str:
     """Readable multi-line summary (rich markup; user strings are escaped)."""
     from rich.markup import escape
@@ -38,11 +52,13 @@ def summary(manifest: Manifest) -> str:
         f"created    {manifest.created}",
         f"target     {manifest.target.profile}: {manifest.target.arch}, accelerator "
         f"{manifest.target.accelerator}, wheels {manifest.target.platform_tag}",
-        f"backend    {manifest.backend.name} ({' > '.join(manifest.backend.providers)}), "
-        f"{manifest.backend.intra_op_threads} threads, "
-        f"arena {'on' if manifest.backend.enable_cpu_mem_arena else 'off'}",
+        _backend_line(manifest),
         f"model      {manifest.model.path}: {manifest.model.recipe} ({manifest.model.precision}), "
-        f"opset {manifest.model.opset}",
+        + (
+            f"signature {manifest.model.signature}"
+            if manifest.model.format == "tflite"
+            else f"opset {manifest.model.opset}"
+        ),
         f"inputs     {manifest.signature_text(manifest.inputs)}",
         f"outputs    {manifest.signature_text(manifest.outputs)}",
         f"gate       {q.gate_metric} <= {q.max_degradation} on {q.eval_samples} samples; "
@@ -53,7 +69,7 @@ def summary(manifest: Manifest) -> str:
     if manifest.measurements:
         m = manifest.measurements
         lines.append(
-            f"measured   p50 {m.latency_ms_p50:.2f} ms, p95 {m.latency_ms_p95:.2f} ms, "
+            f"measured   p50 {m.latency_ms_p50:.3g} ms, p95 {m.latency_ms_p95:.3g} ms, "
             f"peak {m.peak_memory_mb:.1f} MB on {m.host}"
         )
     lines.append(

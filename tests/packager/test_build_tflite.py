@@ -328,3 +328,7 @@ def test_inspect_shows_the_tflite_bundle(tflite_pi4_bundle):
     manifest = json.loads(result.output)
     assert manifest["backend"]["name"] == "tflite"
     assert manifest["model"]["signature"] == "serving_default"
+    shown = CliRunner().invoke(cli, ["inspect", str(tflite_pi4_bundle)])
+    assert shown.exit_code == 0, shown.output
+    assert "backend    tflite: XNNPACK on, 4 threads" in shown.output
+    assert "model/model.tflite: int8-static (int8), signature serving_default" in shown.output

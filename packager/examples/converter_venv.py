@@ -112,44 +112,64 @@ def converter_venv_dir() -> Path:
     if configured:
         return Path(configured).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "edgepack" / f"litert-converter-{_pins_digest()[:12]}"
+    digest = pins_digest(CONVERTER_REQUIREMENTS, CONVERTER_CONSTRAINTS)
+    return cache / "edgepack" / f"litert-converter-{digest[:12]}"
 
 
 def ensure_converter_venv() -> Path:
     """Create the converter venv unless a finished one exists; return its python.
 
-    The first build downloads 1.1 GiB and takes a minute or more. A folder without the
-    completion stamp is a build that died half-way: it is removed and built again. A file lock
-    keeps two processes from building it at once (the second waits, then reuses the first's).
+    The first build downloads 1.1 GiB and takes a minute or more.
 
     Raises:
         PackagerError: if creating the venv or installing the pinned packages fails.
     """
-    venv = converter_venv_dir()
+    return ensure_pinned_venv(
+        converter_venv_dir(),
+        CONVERTER_REQUIREMENTS,
+        CONVERTER_CONSTRAINTS,
+        label="the litert-torch converter venv (2.1 GiB on disk)",
+    )
+
+
+def ensure_pinned_venv(
+    venv: Path, requirements: tuple[str, ...], constraints: tuple[str, ...], label: str
+) -> Path:
+    """Create ``venv`` with ``requirements`` unless a finished one exists; return its python.
+
+    A folder without the completion stamp is a build that died half-way: it is removed and
+    built again. The stamp holds the pins' digest, so a venv at a fixed path is also rebuilt
+    when the pins change. A file lock keeps two processes from building it at once (the
+    second waits, then reuses the first's).
+
+    Raises:
+        PackagerError: if creating the venv or installing the packages fails.
+    """
     python = venv / "bin" / "python"
-    if _is_finished(venv):
+    stamp = pins_digest(requirements, constraints) + "\n"
+    if _is_finished(venv, stamp):
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(venv.with_name(venv.name + ".lock")):
-        if _is_finished(venv):  # another process built it while this one waited
+    with _exclusive_lock(venv.with_name(venv.name + ".lock"), label):
+        if _is_finished(venv, stamp):  # another process built it while this one waited
             return python
         _remove_unfinished(venv)
         started = time.monotonic()
-        _say(f"creating the litert-torch converter venv at {venv} (2.1 GiB on disk)")
+        _say(f"creating {label} at {venv}")
         base = Path(getattr(sys, "_base_executable", None) or sys.executable)
         _check_call([str(base), "-m", "venv", str(venv)], f"creating a venv with {base}")
-        requirements = venv / "edgepack-requirements.txt"
-        constraints = venv / "edgepack-constraints.txt"
-        requirements.write_text("\n".join(CONVERTER_REQUIREMENTS) + "\n")
-        constraints.write_text("\n".join(CONVERTER_CONSTRAINTS) + "\n")
-        _say(f"installing {', '.join(CONVERTER_REQUIREMENTS)} (a minute or more)")
-        _check_call(
-            [str(python), "-m", "pip", "install", "--no-input", "--progress-bar", "off"]
-            + ["-r", str(requirements), "-c", str(constraints)],
-            "installing the converter's pinned packages",
-        )
-        (venv / STAMP_NAME).write_text(_stamp_text())
-        _say(f"converter venv ready in {time.monotonic() - started:.0f}s")
+        command = [str(python), "-m", "pip", "install", "--no-input", "--progress-bar", "off"]
+        requirements_file = venv / "edgepack-requirements.txt"
+        requirements_file.write_text("\n".join(requirements) + "\n")
+        command += ["-r", str(requirements_file)]
+        if constraints:
+            constraints_file = venv / "edgepack-constraints.txt"
+            constraints_file.write_text("\n".join(constraints) + "\n")
+            command += ["-c", str(constraints_file)]
+        _say(f"installing {', '.join(requirements)} (a minute or more)")
+        _check_call(command, f"installing the pinned packages of {label}")
+        (venv / STAMP_NAME).write_text(stamp)
+        _say(f"{label} ready in {time.monotonic() - started:.0f}s")
     return python
 
 
@@ -170,23 +190,17 @@ def run_converter_script(script: Path, *args: object) -> None:
     )
 
 
-def _pins_digest() -> str:
+def pins_digest(requirements: tuple[str, ...], constraints: tuple[str, ...] = ()) -> str:
     # The base interpreter's version is part of the key: a venv only works with its own.
     text = f"python{sys.version_info.major}.{sys.version_info.minor}\n" + "\n".join(
-        CONVERTER_REQUIREMENTS + ("--",) + CONVERTER_CONSTRAINTS
+        requirements + ("--",) + constraints
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _stamp_text() -> str:
-    return _pins_digest() + "\n"
-
-
-def _is_finished(venv: Path) -> bool:
-    stamp = venv / STAMP_NAME
-    # The stamp holds the pins' digest, so a venv named by $EDGEPACK_CONVERTER_VENV is also
-    # rebuilt when the pins change.
-    return stamp.is_file() and stamp.read_text() == _stamp_text()
+def _is_finished(venv: Path, stamp: str) -> bool:
+    path = venv / STAMP_NAME
+    return path.is_file() and path.read_text() == stamp
 
 
 def _remove_unfinished(venv: Path) -> None:
@@ -194,21 +208,18 @@ def _remove_unfinished(venv: Path) -> None:
         return
     # Only ever delete what looks like a venv: $EDGEPACK_CONVERTER_VENV may name any folder.
     if any(venv.iterdir()) and not (venv / "pyvenv.cfg").is_file():
-        raise PackagerError(
-            f"{venv} exists but is not a venv; remove it or set EDGEPACK_CONVERTER_VENV "
-            "to another folder"
-        )
-    _say(f"removing the unfinished (or outdated) converter venv at {venv}")
+        raise PackagerError(f"{venv} exists but is not a venv; remove it or choose another folder")
+    _say(f"removing the unfinished (or outdated) venv at {venv}")
     shutil.rmtree(venv)
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def _exclusive_lock(path: Path, label: str) -> Iterator[None]:
     with path.open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _say(f"waiting for another process building the converter venv ({path})")
+            _say(f"waiting for another process building {label} ({path})")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -231,8 +242,8 @@ def _check_call(command: list[str], what: str, hint: str | None = None) -> None:
         return
     tail = "\n".join(proc.stdout.splitlines()[-_TAIL_LINES:])
     fix = hint or (
-        "check the network and disk space (the venv takes about 2.1 GiB), then run again; "
-        "the half-built venv is removed on the next run"
+        "check the network and disk space, then run again; the half-built venv is removed "
+        "on the next run"
     )
     raise PackagerError(f"{what} failed (exit {proc.returncode}); {fix}. Output tail:\n{tail}")
 

@@ -141,8 +141,7 @@ def selftest(
 
 def _backend_line(spec) -> str:
     if spec.name == "tflite":
-        threads = spec.intra_op_threads or "LiteRT's choice of"
-        return f"backend    tflite: XNNPACK {'on' if spec.xnnpack else 'off'}, {threads} threads"
+        return f"backend    tflite: {spec.tflite_settings()}"
     if spec.providers:
         return f"backend    {spec.name}: {', '.join(spec.providers)}"
     return f"backend    {spec.name}"

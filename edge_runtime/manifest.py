@@ -63,6 +63,11 @@ class BackendSpec(StrictModel):
     gpu_layers: int = Field(0, ge=-1, description="llama.cpp layers offloaded to the GPU; -1 = all")
     xnnpack: bool = Field(True, description="TFLite: apply the XNNPACK CPU delegate")
 
+    def tflite_settings(self) -> str:
+        """How a TFLite bundle runs, in words, e.g. "XNNPACK on, 4 threads"."""
+        threads = self.intra_op_threads or "LiteRT's choice of"
+        return f"XNNPACK {'on' if self.xnnpack else 'off'}, {threads} threads"
+
 
 class ModelSpec(StrictModel):
     path: str

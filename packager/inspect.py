@@ -31,10 +31,7 @@ def read_manifest_unverified(bundle: Path) -> Manifest:
 def _backend_line(manifest: Manifest) -> str:
     backend = manifest.backend
     if backend.name == "tflite":
-        return (
-            f"backend    tflite: XNNPACK {'on' if backend.xnnpack else 'off'}, "
-            f"{backend.intra_op_threads or 'LiteRT default'} threads"
-        )
+        return f"backend    tflite: {backend.tflite_settings()}"
     return (
         f"backend    {backend.name} ({' > '.join(backend.providers)}), "
         f"{backend.intra_op_threads} threads, "

@@ -67,17 +67,6 @@ def bare_call(interpreter, inputs: dict[str, int], outputs: dict[str, int]):
     return call
 
 
-def per_sample(call, data: dict) -> dict:
-    import numpy as np
-
-    count = len(next(iter(data.values())))
-    results: dict[str, list] = {}
-    for index in range(count):
-        for name, value in call({k: v[index : index + 1] for k, v in data.items()}).items():
-            results.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in results.items()}
-
-
 def similarity(candidate: dict, reference: dict, labels, classification: bool) -> str:
 
     from edge_runtime.selftest import cosine_rows
@@ -136,6 +125,7 @@ def bench_overhead(model: Model, bundle: Path, pub: Path, threads: int, plan, ti
 def bench_recipes(model: Model, bundles: dict, pub: Path, threads: int, plan, tick) -> list:
     """(b) Rows per recipe: size, bare latency, and agreement with the float model."""
     from edge_runtime import Runtime
+    from packager.passes.evaluate import run_samples
 
     data, labels = load_eval(model.example.eval)
     feed = {k: v[:1].copy() for k, v in data.items()}
@@ -147,7 +137,7 @@ def bench_recipes(model: Model, bundles: dict, pub: Path, threads: int, plan, ti
             path = runtime.model_dir / runtime.manifest.model.path
             sizes[recipe] = path.stat().st_size
             _, calls[recipe] = bare_interpreter(path, threads)
-            outputs[recipe] = per_sample(calls[recipe], data)
+            outputs[recipe] = run_samples(path, data)
         timing = interleaved({r: (lambda c=c: c(feed)) for r, c in calls.items()}, plan, tick)
     finally:
         for runtime in runtimes:

@@ -110,7 +110,7 @@ class TfliteSession:
             ModelFileError: the file is not a well-formed TFLite flatbuffer.
             BackendError: no interpreter package, or it refuses the model.
         """
-        check_tflite(model_path)
+        self.facts = check_tflite(model_path)
         self.package, module = import_interpreter(package)
         self.threads, self.xnnpack = threads, xnnpack
         resolver = module.OpResolverType
@@ -153,9 +153,9 @@ class TfliteSession:
         self.input_indices = {name: d["index"] for name, d in inputs.items()}
         self.output_indices = {name: d["index"] for name, d in outputs.items()}
         self._shapes = {name: tuple(int(n) for n in d["shape"]) for name, d in inputs.items()}
-        # Only a model with a free dimension (-1 in its shape signature) ever needs a resize.
+        # Only a model with a free dimension ever needs a resize.
         self._resizable = any(
-            -1 in list(d.get("shape_signature", d["shape"])) for d in inputs.values()
+            isinstance(dim, str) for spec in self.input_specs() for dim in spec.shape
         )
 
     def input_specs(self) -> list[TensorSpec]:

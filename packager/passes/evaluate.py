@@ -19,30 +19,28 @@ SOURCE_KEY = "source_model"
 
 def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run every sample one at a time on the host CPU; stack the outputs."""
-    if model_path.suffix == ".tflite":
-        return _run_tflite_samples(model_path, data)
+    run = _tflite_runner(model_path) if model_path.suffix == ".tflite" else _onnx_runner(model_path)
+    collected: dict[str, list[np.ndarray]] = {}
+    for index in range(sample_count(data)):
+        for name, value in run(sample(data, index)).items():
+            collected.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in collected.items()}
+
+
+def _onnx_runner(model_path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for index in range(sample_count(data)):
-        for name, value in zip(names, session.run(names, sample(data, index)), strict=True):
-            collected[name].append(value)
-    return {name: np.concatenate(values) for name, values in collected.items()}
+    return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
 
 
-def _run_tflite_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _tflite_runner(model_path: Path):
     from .tflite import open_session
 
-    session = open_session(model_path)
-    collected: dict[str, list[np.ndarray]] = {}
-    for index in range(sample_count(data)):
-        for name, value in session.run(sample(data, index)).items():
-            collected.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in collected.items()}
+    return open_session(model_path).run
 
 
 def reference_outputs(ctx: PassContext) -> dict[str, np.ndarray]:

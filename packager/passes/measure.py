@@ -39,9 +39,9 @@ class Measure(Pass):
             "format": model.format,
             "inputs": str(inputs),
             "threads": min(threads or host_cores, host_cores),
-            "xnnpack": ctx.profile.tflite.xnnpack,
-            "cpu_mem_arena": ctx.profile.onnx.cpu_mem_arena,
-            "allow_spinning": ctx.profile.onnx.allow_spinning,
+            "xnnpack": profile.tflite.xnnpack,
+            "cpu_mem_arena": profile.onnx.cpu_mem_arena,
+            "allow_spinning": profile.onnx.allow_spinning,
             # The host has no GPU provider to speak of; CPU figures are what it can measure.
             "providers": ["CPUExecutionProvider"],
             "runs": self.config.runs,

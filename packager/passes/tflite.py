@@ -57,10 +57,10 @@ class TfliteValidate(Pass):
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         try:
-            facts = check_tflite(model.path)
             session = open_session(model.path, 1)
         except (ModelFileError, BackendError) as exc:
             raise ModelValidationError(str(exc)) from None
+        facts = session.facts
         inputs, outputs = session.input_specs(), session.output_specs()
         if not inputs or not outputs:
             raise ModelValidationError(f"{model.path.name}: the model has no inputs or outputs")
@@ -95,7 +95,7 @@ class TfliteQuantize(Pass):
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         if model.precision != "fp32":
             # Quantizing quantized weights again only loses accuracy; the chain moves on
-            # and, at its end, fp32 bundles the model as it is.
+            # and, at its end, as-is bundles the model unchanged.
             raise RecipeSkippedError(
                 f"the source model is already {model.precision}; the as-is recipe bundles it "
                 "unchanged"
@@ -148,9 +148,10 @@ class TfliteQuantize(Pass):
     def _calibration_data(self, model: ModelArtifact, ctx: PassContext) -> dict[str, list]:
         if ctx.calibration is None:
             raise PassFailedError("int8-static needs --calibration FILE.npz")
-        session = open_session(model.path, 1)
-        if session.signature is None:
+        # The first signature, as the session that evaluates the model picks it.
+        signatures = check_tflite(model.path).signatures
+        if not signatures:
             raise PassFailedError("int8-static needs a model with a signature (serving_default)")
         # Batch-1 models take one sample per call; ai-edge-quantizer runs them in turn.
         samples = [sample(ctx.calibration, i) for i in range(sample_count(ctx.calibration))]
-        return {session.signature: samples}
+        return {signatures[0]: samples}

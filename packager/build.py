@@ -14,13 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.manifest import (
     Attempt,
     BackendSpec,
+    OnnxBackendSpec,
+    TfliteBackendSpec,
     Manifest,
     Measurements,
     MemoryFit,
@@ -46,6 +45,7 @@ from .passes.evaluate import SOURCE_KEY
 from .passes.package import REQUEST_KEY, PackageRequest
 from .profiles import DeviceProfile
 from .recipes import resolve_chain
+from .settings import BuildConfig
 
 MODEL_FORMATS = {".onnx": "onnx", ".gguf": "gguf", ".tflite": "tflite"}
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin"}
@@ -53,43 +53,6 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin"}
 # once plus pre-packed copies of some of them, and a little for activations and the engine.
 ESTIMATE_WEIGHT_FACTOR = 1.5
 ESTIMATE_OVERHEAD_MB = 16.0
-
-
-class BuildConfig(BaseModel):
-    """What ``edgepack build`` was asked to do."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    model: Path = Field(description="source model file (.onnx, .tflite or .gguf)")
-    profile: DeviceProfile
-    key: Path = Field(description="Ed25519 private key (PEM) that signs the bundle")
-    output: Path = Field(description="the .edgepkg to write")
-    calibration: Path | None = Field(None, description="calibration .npz (static int8)")
-    eval: Path | None = Field(
-        None,
-        description="held-out evaluation .npz (ONNX and TFLite, required) or .txt (GGUF; "
-        "default: the text shipped with edgepack)",
-    )
-    max_degradation: float = Field(0.01, ge=0, le=1, description="accuracy gate threshold")
-    quant: str | None = Field(None, description="GGUF: one llama.cpp type instead of the chain")
-    allow_requantize: bool = Field(False, description="GGUF: accept an already-quantized source")
-    max_ppl_increase: float = Field(
-        0.10, ge=0, description="GGUF gate: largest allowed perplexity increase (0.10 = +10%)"
-    )
-    llm_window: int = Field(512, ge=64, description="GGUF: tokens per perplexity window")
-    selftest_tokens: int = Field(16, ge=1, le=256, description="GGUF: greedy self-test tokens")
-    with_wheels: bool = Field(
-        False, description="write an offline wheelhouse for the profile's platform beside it"
-    )
-    extra_wheels: Path | None = Field(
-        None, description="folder of wheels PyPI lacks for the platform (e.g. llama-cpp-python)"
-    )
-    recipe: str | None = Field(None, description="force one recipe instead of the chain")
-    measure: bool = Field(True, description="measure latency and memory on this host")
-    task: Literal["auto", "classification", "embedding", "generic"] = "auto"
-    name: str | None = None
-    version: str = "0.1.0"
-    workdir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -256,13 +219,11 @@ def _validate_and_optimize(source: ModelArtifact, ctx: PassContext, progress):
 
 def backend_spec(profile: DeviceProfile, model_format: str) -> BackendSpec:
     if model_format == "tflite":
-        return BackendSpec(
-            name="tflite",
+        return TfliteBackendSpec(
             intra_op_threads=profile.tflite.threads,
             xnnpack=profile.tflite.xnnpack,
         )
-    return BackendSpec(
-        name="onnx",
+    return OnnxBackendSpec(
         providers=profile.onnx.providers,
         intra_op_threads=profile.onnx.threads,
         enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,

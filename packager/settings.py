@@ -1,0 +1,92 @@
+"""``BuildConfig``: what ``edgepack build`` was asked to do.
+
+One schema for the library and the CLI: ``edgepack build``'s options are generated from
+these fields (the description is the help text), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .profiles import DeviceProfile
+
+
+class BuildConfig(BaseModel):
+    """What ``edgepack build`` was asked to do."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: Path = Field(description="Source model file (.onnx, .tflite or .gguf).")
+    profile: DeviceProfile = Field(
+        description="Device profile: a shipped one by name (see `edgepack profiles list`) "
+        "or your own YAML."
+    )
+    key: Path = Field(
+        description="Ed25519 private key (PEM) that signs the bundle (`edgepack keygen`)."
+    )
+    output: Path = Field(description="The .edgepkg file to write.")
+    calibration: Path | None = Field(
+        None, description=".npz keyed by input name, first axis = samples (for static int8)."
+    )
+    eval: Path | None = Field(
+        None,
+        description="ONNX and TFLite (required): held-out .npz in the same layout; an "
+        "optional 'labels' array adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: "
+        "a text shipped with edgepack).",
+    )
+    max_degradation: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Gate: largest allowed 1 - mean cosine (or 1 - top-1 agreement).",
+    )
+    quant: str | None = Field(
+        None, description="GGUF: one llama.cpp type (e.g. Q4_K_M) instead of the chain."
+    )
+    allow_requantize: bool = Field(
+        False,
+        description="GGUF: accept an already-quantized source (it loses more; a warning is "
+        "shown).",
+    )
+    max_ppl_increase: float = Field(
+        0.10,
+        ge=0,
+        description="GGUF gate: largest allowed perplexity increase over the source "
+        "(0.10 = +10%).",
+    )
+    llm_window: int = Field(512, ge=64, description="GGUF: tokens per perplexity window.")
+    selftest_tokens: int = Field(
+        16, ge=1, le=256, description="GGUF: greedy tokens recorded for the self-test."
+    )
+    with_wheels: bool = Field(
+        False,
+        description="Also write BUNDLE.wheels/: the runtime's wheels for the profile's "
+        "platform, hashed in the signed manifest, for an offline install "
+        "(scripts/install-on-device.sh).",
+    )
+    extra_wheels: Path | None = Field(
+        None,
+        description="Folder of wheels PyPI lacks for the platform (e.g. llama-cpp-python "
+        "for aarch64).",
+    )
+    recipe: str | None = Field(None, description="Force one recipe instead of the profile's chain.")
+    measure: bool = Field(
+        True,
+        description="Measure latency and memory on this host (--no-measure: reproducible "
+        "bytes).",
+    )
+    task: Literal["auto", "classification", "embedding", "generic"] = Field(
+        "auto",
+        description="classification adds top-1 agreement; auto = classification if eval "
+        "has labels.",
+    )
+    name: str | None = Field(None, description="Bundle name (default: the model file's stem).")
+    version: str = Field("0.1.0", description="Bundle version recorded in the manifest.")
+    workdir: Path | None = Field(
+        None,
+        description="Folder for intermediate files, kept after the build (default: a "
+        "temporary folder, removed).",
+    )

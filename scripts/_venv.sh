@@ -35,3 +35,23 @@ ensure_venv() {
         echo "$want" > "$stamp"
     fi
 }
+
+# Debian packages the tests drive as real components (a browser for the fleet page).
+# Idempotent and quiet: apt runs only when a command is missing. Later issues add to the list.
+DEBIAN_TEST_PACKAGES=(chromium:chromium)
+
+ensure_debian_packages() {
+    local missing=() entry
+    for entry in "$@"; do
+        command -v "${entry#*:}" >/dev/null || missing+=("${entry%%:*}")
+    done
+    [ "${#missing[@]}" = 0 ] && return 0
+    if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+        echo "==> missing Debian packages ${missing[*]}: install them (apt-get install ${missing[*]})" >&2
+        return 0
+    fi
+    echo "==> installing ${missing[*]} from Debian"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+}

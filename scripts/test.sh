@@ -4,5 +4,6 @@
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 ensure_venv dev
+ensure_debian_packages "${DEBIAN_TEST_PACKAGES[@]}"
 cd "$REPO"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -435,9 +435,8 @@ def test_missing_messages_counts_gaps_in_seq(storage, keys, messages, missing):
     assert (device["messages"], device["missing_messages"]) == (messages, missing)
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # a PostgreSQL matter
 def test_a_lost_postgres_connection_is_reopened(db_url):
-    if not db_url.startswith("postgresql"):
-        pytest.skip("connection loss is a PostgreSQL matter")
     storage = Storage(db_url)
     pid = storage._db.info.backend_pid
     with psycopg.connect(db_url, autocommit=True) as admin:

@@ -21,6 +21,8 @@ from packager.errors import DataError, GateError, ModelValidationError, Packager
 from packager.profiles import load_profile
 from tests.packager.test_cli import edgepack
 
+from tests.numerics import assert_close_across_kernels
+
 BUNDLES = [
     pytest.param("raspberry-pi-4", "tflite_pi4_bundle", id="raspberry-pi-4"),
     pytest.param("x86-64-avx2", "tflite_x86_bundle", id="x86-64-avx2"),
@@ -122,9 +124,7 @@ def test_source_tflite_matches_the_onnx_export(digits_tflite_example, digits_exa
     images, _ = _eval(digits_tflite_example, 64)
     session = ort.InferenceSession(str(digits_example.model), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(["logits"], {"image": images})[0]
-    np.testing.assert_allclose(
-        _source_logits(digits_tflite_example, images), onnx_logits, atol=1e-4
-    )
+    assert_close_across_kernels(_source_logits(digits_tflite_example, images), onnx_logits)
 
 
 def test_dynamic_and_fp16_recipes_and_sizes(digits_tflite_example, keypair, tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.numerics import assert_close_across_kernels
+
 litert = pytest.importorskip("ai_edge_litert.interpreter")
 ort = pytest.importorskip("onnxruntime")
 
@@ -44,7 +46,7 @@ def test_outputs_match_the_onnx_model(digits_example, digits_tflite_example):
     got = np.concatenate([runner(image=images[i : i + 1])["logits"] for i in range(SAMPLES)])
 
     assert digits_tflite_example.eval == digits_example.eval
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert_close_across_kernels(got, expected)
     assert (got.argmax(axis=1) == labels).mean() > 0.9
 
 

@@ -24,6 +24,8 @@ from edge_runtime.bundle import extract_bundle, verify_bundle
 from edge_runtime.errors import BackendError, InputSignatureError
 from tests.tflite_runtime_venv import ensure_tflite_runtime_venv, run_in_venv
 
+from tests.numerics import assert_close_across_kernels
+
 
 @pytest.fixture(scope="module")
 def images(digits_tflite_example) -> np.ndarray:
@@ -124,9 +126,7 @@ def test_xnnpack_on_and_off_agree(digits_tflite_example, images):
     plain = {op["op_name"] for op in without.interpreter._get_ops_details()}
     assert "DELEGATE" in delegated
     assert "DELEGATE" not in plain
-    np.testing.assert_allclose(
-        _logits(with_xnnpack.run, images), _logits(without.run, images), atol=1e-5
-    )
+    assert_close_across_kernels(_logits(with_xnnpack.run, images), _logits(without.run, images))
 
 
 def test_concurrent_callers_get_their_own_answers(digits_tflite_example, images):

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024  # refuse to parse anything bigger: a manifest is small
+
+
+# The engine that runs each model format (also the name of its edge_runtime backend).
+ENGINE_OF_FORMAT = {"onnx": "onnx", "tflite": "tflite", "gguf": "llamacpp"}
 
 
 class StrictModel(BaseModel):
@@ -54,19 +59,41 @@ class Target(StrictModel):
     platform_tag: str
 
 
-class BackendSpec(StrictModel):
-    name: Literal["onnx", "tflite", "llamacpp"]
-    providers: list[str] = Field(default_factory=list)
-    intra_op_threads: int = Field(ge=0)
-    enable_cpu_mem_arena: bool = False
-    allow_spinning: bool = Field(True, description="ONNX Runtime worker threads spin-wait")
-    gpu_layers: int = Field(0, ge=-1, description="llama.cpp layers offloaded to the GPU; -1 = all")
-    xnnpack: bool = Field(True, description="TFLite: apply the XNNPACK CPU delegate")
+class OnnxBackendSpec(StrictModel):
+    """How ONNX Runtime runs the model (from the profile's ``onnx`` section)."""
+
+    name: Literal["onnx"] = "onnx"
+    providers: list[str] = Field(default_factory=list, description="execution providers, in order")
+    intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime's choice")
+    enable_cpu_mem_arena: bool = Field(False, description="ONNX Runtime's CPU memory arena")
+    allow_spinning: bool = Field(False, description="worker threads spin-wait between ops")
+
+
+class TfliteBackendSpec(StrictModel):
+    """How LiteRT runs the model (from the profile's ``tflite`` section)."""
+
+    name: Literal["tflite"] = "tflite"
+    intra_op_threads: int = Field(0, ge=0, description="0 = LiteRT's choice")
+    xnnpack: bool = Field(True, description="apply the XNNPACK CPU delegate")
 
     def tflite_settings(self) -> str:
         """How a TFLite bundle runs, in words, e.g. "XNNPACK on, 4 threads"."""
         threads = self.intra_op_threads or "LiteRT's choice of"
         return f"XNNPACK {'on' if self.xnnpack else 'off'}, {threads} threads"
+
+
+class LlamaCppBackendSpec(StrictModel):
+    """How llama.cpp runs the model (from the profile's ``gguf`` section)."""
+
+    name: Literal["llamacpp"] = "llamacpp"
+    intra_op_threads: int = Field(0, ge=0, description="0 = every core")
+    gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU; -1 = all")
+
+
+# One typed spec per engine, chosen by ``name``.
+BackendSpec = Annotated[
+    OnnxBackendSpec | TfliteBackendSpec | LlamaCppBackendSpec, Field(discriminator="name")
+]
 
 
 class ModelSpec(StrictModel):
@@ -95,6 +122,9 @@ class QuantizationRecord(StrictModel):
 
 
 class Measurements(StrictModel):
+    """Host timing of a tensor model: latency per call and peak memory."""
+
+    kind: Literal["tensor"] = "tensor"
     host: str
     runs: int
     latency_ms_p50: float
@@ -106,6 +136,7 @@ class Measurements(StrictModel):
 class LlmMeasurements(StrictModel):
     """llama-bench style figures: prompt processing (pp) and token generation (tg)."""
 
+    kind: Literal["llm"] = "llm"
     host: str
     threads: int
     repetitions: int
@@ -147,6 +178,9 @@ class MemoryFit(StrictModel):
 
 
 class SelfTestSpec(StrictModel):
+    """Tensor self-test: stored inputs and fp32 reference outputs, with tolerances."""
+
+    kind: Literal["tensors"] = "tensors"
     path: str
     count: int = Field(ge=1)
     atol: float = Field(gt=0, description="max abs difference to the fp32 reference")
@@ -194,8 +228,19 @@ class WheelhouseSpec(StrictModel):
     )
 
 
+class StepRecord(StrictModel):
+    """One packager pass that produced the bundle's model, in order."""
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    seconds: float = Field(ge=0)
+    output_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
 class Manifest(StrictModel):
-    schema_version: int
+    schema_version: Literal[1, 2] = Field(
+        description="2 is written; 1 is read (upgraded in memory, the signed bytes unchanged)"
+    )
     bundle_id: str
     name: str
     version: str
@@ -208,11 +253,16 @@ class Manifest(StrictModel):
     outputs: list[TensorSpec]
     quantization: QuantizationRecord
     memory: MemoryFit
-    measurements: Measurements | LlmMeasurements | None = None
-    selftest: SelfTestSpec | TokenSelfTestSpec
+    measurements: Annotated[Measurements | LlmMeasurements, Field(discriminator="kind")] | None = (
+        None
+    )
+    selftest: Annotated[SelfTestSpec | TokenSelfTestSpec, Field(discriminator="kind")]
     tools: dict[str, str]
     llm: LlmSpec | None = None
     wheelhouse: WheelhouseSpec | None = None
+    steps: list[StepRecord] = Field(
+        default_factory=list, description="the packager passes behind the model (v2)"
+    )
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> Manifest:
@@ -222,6 +272,9 @@ class Manifest(StrictModel):
             paths.append(("selftest", self.selftest.path))
         if (self.model.format == "gguf") != (self.llm is not None):
             raise ValueError("the llm section is required for gguf models and only for them")
+        engine = ENGINE_OF_FORMAT[self.model.format]
+        if self.backend.name != engine:
+            raise ValueError(f"a {self.model.format} model runs on {engine}, not {self.backend.name}")
         for role, path in paths:
             if path not in listed:
                 raise ValueError(f"{role} path {path!r} is not among the manifest's files")
@@ -258,12 +311,47 @@ def parse_manifest(raw: bytes) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"manifest is not valid JSON: {exc}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
             f"manifest schema_version {version!r} is not supported by this runtime "
-            f"(supports {SCHEMA_VERSION}); install a matching edgepack version"
+            f"(reads {', '.join(map(str, READABLE_VERSIONS))}); install a matching edgepack version"
         )
+    if version == 1:
+        data = upgrade_v1(data)
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         raise BundleError(f"manifest is invalid: {exc}") from None
+
+
+# v1 kept every engine's settings in one flat backend object; each v2 spec takes its own.
+_V1_BACKEND_FIELDS = {
+    "onnx": ("providers", "intra_op_threads", "enable_cpu_mem_arena", "allow_spinning"),
+    "tflite": ("intra_op_threads", "xnnpack"),
+    "llamacpp": ("intra_op_threads", "gpu_layers"),
+}
+_V1_ALLOW_SPINNING = True  # v1's default when a manifest left it out
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A v1 manifest's JSON as the v2 model reads it: the same facts, discriminated.
+
+    The signature covers the bytes as written, so verification is untouched; only the
+    in-memory model is upgraded. ``schema_version`` stays 1, so readers can tell.
+    """
+    data = dict(data)
+    backend = data.get("backend")
+    if isinstance(backend, dict) and backend.get("name") in _V1_BACKEND_FIELDS:
+        name = backend["name"]
+        upgraded = {key: backend[key] for key in _V1_BACKEND_FIELDS[name] if key in backend}
+        if name == "onnx":
+            upgraded.setdefault("allow_spinning", _V1_ALLOW_SPINNING)
+        data["backend"] = {"name": name, **upgraded}
+    measurements = data.get("measurements")
+    if isinstance(measurements, dict) and "kind" not in measurements:
+        kind = "llm" if "tg_tokens_per_s" in measurements else "tensor"
+        data["measurements"] = {"kind": kind, **measurements}
+    selftest = data.get("selftest")
+    if isinstance(selftest, dict) and "kind" not in selftest:
+        data["selftest"] = {"kind": "tensors", **selftest}
+    return data

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edge_runtime.manifest import (
     Attempt,
-    BackendSpec,
+    LlamaCppBackendSpec,
     LlmMeasurements,
     LlmSpec,
     MemoryFit,
@@ -260,8 +260,7 @@ def build_gguf_bundle(config, ctx: PassContext, progress, started: float, create
         memory=memory,
         measurements=measurements,
         tools=tools,
-        backend=BackendSpec(
-            name="llamacpp",
+        backend=LlamaCppBackendSpec(
             intra_op_threads=profile.gguf.threads,
             gpu_layers=profile.gguf.gpu_layers,
         ),

@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import click
 
-from edge_runtime.cli_support import mqtt_options, run_cli
+from edge_runtime.cli_options import settings_options
+from edge_runtime.cli_support import CliState, EdgeGroup, json_requested, run_cli, set_log_levels
 from edge_runtime.errors import EdgeRuntimeError
 
 from .errors import CollectorError
+from .settings import CollectorSettings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--verbose", "-v", is_flag=True, help="Log every connection change and batch.")
-def cli(verbose: bool) -> None:
+def _configure_logging(state: CliState) -> None:
+    """-v: log every connection change and batch."""
+    # without -v, the embedded broker would narrate every packet at INFO
+    quiet = logging.DEBUG if state.verbose else logging.WARNING
+    levels = {"": logging.DEBUG if state.verbose else logging.INFO}
+    set_log_levels(
+        {**levels, "amqtt": quiet, "transitions": quiet},
+        fmt="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group(cls=EdgeGroup, configure_logging=_configure_logging)
+def cli() -> None:
     """Collect edgepack fleet telemetry from MQTT into SQLite or PostgreSQL.
 
-    Add --debug to any command to see a traceback on error.
+    --debug, -v/--verbose and --json work before or after the command name.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:  # the embedded broker narrates every packet at INFO
-        for noisy in ("amqtt", "transitions"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @cli.command()
@@ -36,21 +42,7 @@ def cli(verbose: bool) -> None:
     type=click.Path(path_type=Path),
     help="YAML or JSON settings file (same names as the flags, with _).",
 )
-@click.option("--broker", help="mqtt://host:port or mqtts://host:port.")
-@click.option("--db", help="sqlite:///fleet.db or postgresql://host/db.")
-@click.option("--fleet", help="Fleet to collect ('+' = all).")
-@click.option("--shared-group", help="MQTT 5 shared-subscription group for scale-out.")
-@click.option("--client-id", help="Stable MQTT client id (keeps the broker session).")
-@click.option("--http-host", help="HTTP API / fleet page address.")
-@click.option("--http-port", type=int, help="HTTP port (0 = any free port).")
-@click.option("--heartbeat-timeout-s", type=float, help="Silence after which a device is offline.")
-@click.option(
-    "--embedded-broker",
-    is_flag=True,
-    default=None,
-    help="Start an in-process MQTT 3.1.1 broker (amqtt) on --broker's address.",
-)
-@mqtt_options("EDGE_COLLECTOR_")
+@settings_options(CollectorSettings)
 def serve(config_file: Path | None, **flags) -> None:
     """Subscribe to the fleet, store its telemetry, and serve the API and fleet page.
 
@@ -59,7 +51,7 @@ def serve(config_file: Path | None, **flags) -> None:
     from edge_runtime.settings import load_settings
 
     from .server import run_server
-    from .settings import ENV_PREFIX, CollectorSettings
+    from .settings import ENV_PREFIX
 
     if flags.get("embedded_broker") and not flags.get("mqtt_version"):
         flags["mqtt_version"] = "3.1.1"  # amqtt speaks nothing newer
@@ -74,7 +66,10 @@ def migrate(db: str) -> None:
     from .storage import Storage
 
     storage = Storage(db)
-    click.echo("applied: " + ", ".join(storage.applied_migrations()))
+    if json_requested():
+        click.echo(json.dumps({"applied": storage.applied_migrations()}))
+    else:
+        click.echo("applied: " + ", ".join(storage.applied_migrations()))
     storage.close()
 
 

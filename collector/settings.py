@@ -26,7 +26,10 @@ class CollectorSettings(MqttSettings):
     heartbeat_timeout_s: float = Field(
         35.0, gt=0, description="a device silent this long is marked offline"
     )
-    embedded_broker: bool = Field(False, description="start an in-process MQTT broker (amqtt)")
+    embedded_broker: bool = Field(
+        False,
+        description="start an in-process MQTT 3.1.1 broker (amqtt) on --broker's address",
+    )
     batch_size: int = Field(2000, ge=1, description="messages stored per transaction at most")
     session_expiry_s: int = Field(
         3600, ge=0, description="how long the broker keeps our session and queue while we are away"

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import click
 
-from .cli_support import mqtt_options, run_cli, stop_on_signals
+from .agent import AgentSettings
+from .cli_options import settings_options
+from .cli_support import (
+    CliState,
+    EdgeGroup,
+    json_requested,
+    run_cli,
+    set_log_levels,
+    stop_on_signals,
+)
 from .errors import EdgeRuntimeError
 
 PUBKEY_HELP = "Ed25519 public key (PEM). Optional when $EDGEPACK_TRUSTED_KEYS names trusted keys."
@@ -33,19 +42,17 @@ def _open(
     return Runtime.open(bundle, pubkey, threads=threads, providers=chosen)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--verbose",
-    "-v",
-    is_flag=True,
-    help="Also log what the runtime does (verification, providers) to stderr.",
-)
-def cli(verbose: bool) -> None:
+def _configure_logging(state: CliState) -> None:
+    """-v: also log what the runtime does (verification, providers) to stderr."""
+    set_log_levels({"": logging.INFO if state.verbose else logging.WARNING})
+
+
+@click.group(cls=EdgeGroup, configure_logging=_configure_logging)
+def cli() -> None:
     """Verify edgepack bundles and run them offline.
 
-    Add --debug to any command to see a traceback on error.
+    --debug, -v/--verbose and --json work before or after the command name.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
 @cli.command()
@@ -59,6 +66,7 @@ def cli(verbose: bool) -> None:
     help=".npz with one array per model input.",
 )
 @click.option(
+    "-o",
     "--output",
     "output_path",
     required=True,
@@ -100,6 +108,10 @@ def run(
     with _open(bundle, pubkey, threads, providers) as runtime:
         outputs = runtime.run(inputs)
     np.savez(output_path, **outputs)
+    if json_requested():
+        shapes = {name: list(value.shape) for name, value in outputs.items()}
+        click.echo(json.dumps({"output": str(output_path), "shapes": shapes}))
+        return
     shapes = ", ".join(f"{name}{list(value.shape)}" for name, value in outputs.items())
     click.echo(f"wrote {output_path}: {shapes}")
 
@@ -243,14 +255,23 @@ def generate(
             stream = runtime.chat([*messages, {"role": "user", "content": prompt}], **options)
         else:
             stream = runtime.generate(prompt, **options)
+        as_json = json_requested()
+        pieces = []
         try:
             for piece in stream:
+                if as_json:  # one object at the end, for a script
+                    pieces.append(piece)
+                    continue
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             click.echo(f"[stopped after {stream.completion_tokens} tokens]", err=True)
             raise SystemExit(130) from None
+    if as_json:
+        report = {"text": "".join(pieces), "completion_tokens": stream.completion_tokens}
+        click.echo(json.dumps({**report, "finish_reason": stream.finish_reason}))
+        return
     sys.stdout.write("\n")
     click.echo(f"[{stream.completion_tokens} tokens, finish: {stream.finish_reason}]", err=True)
 
@@ -263,19 +284,7 @@ def generate(
     type=click.Path(path_type=Path),
     help="YAML or JSON file of settings (same names as the flags, with _).",
 )
-@click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
-@click.option("--broker", help="mqtt://host:port or mqtts://host:port.")
-@click.option("--fleet", help="Fleet name.")
-@click.option("--device-id", help="Device id (also the MQTT client id).")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path),
-    help="Outbox and boot counter (default $EDGEPACK_HOME/devices/<device-id>).",
-)
-@click.option("--metrics-interval-s", type=float, help="Seconds between metrics reports.")
-@click.option("--demo-load", type=float, help="Generate RATE requests/s from self-test vectors.")
-@mqtt_options("EDGE_RUNTIME_")
-@click.option("--threads", type=int, help="Override the profile's thread count.")
+@settings_options(AgentSettings, exclude=("bundle",))
 def agent(config_file: Path | None, **flags) -> None:
     """Run BUNDLE and report health and metrics to the fleet over MQTT.
 
@@ -285,7 +294,7 @@ def agent(config_file: Path | None, **flags) -> None:
     """
     import threading
 
-    from .agent import ENV_PREFIX, AgentSettings, run_agent
+    from .agent import ENV_PREFIX, run_agent
     from .settings import load_settings
 
     settings = load_settings(AgentSettings, ENV_PREFIX, config_file, flags)

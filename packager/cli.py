@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import click
 
-from edge_runtime.cli_support import run_cli
+from edge_runtime.cli_options import SettingOption, given, settings_options, validate_options
+from edge_runtime.cli_support import CliState, EdgeGroup, json_requested, run_cli, set_log_levels
 from edge_runtime.errors import EdgeRuntimeError
 
 from .errors import PackagerError
+from .settings import BuildConfig
 
 
 def _console(stderr: bool = True):
@@ -24,134 +27,75 @@ def _console(stderr: bool = True):
     return console
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _configure_logging(state: CliState) -> None:
+    set_log_levels({"": logging.INFO if state.verbose else logging.WARNING})
+
+
+@click.group(cls=EdgeGroup, configure_logging=_configure_logging)
 def cli() -> None:
     """Package trained models into signed bundles for edge devices.
 
-    Add --debug to any command to see a traceback on error.
+    --debug, -v/--verbose and --json work before or after the command name.
     """
+
+
+def output_option(help_text: str, **attrs):
+    """``-o/--output`` everywhere; ``--out``, the old spelling, still works unshown."""
+    return click.option(
+        "-o",
+        "--output",
+        "--out",
+        "output",
+        cls=SettingOption,
+        field_name="output",
+        hidden_aliases=("--out",),
+        required=True,
+        type=click.Path(path_type=Path, **attrs),
+        help=help_text,
+    )
+
+
+def profile_options(command):
+    """--profile NAME / --profile-file PATH; ``chosen_profile`` checks that one was given."""
+    command = click.option(
+        "--profile-file", type=click.Path(path_type=Path), help="Your own profile YAML."
+    )(command)
+    return click.option(
+        "--profile", "profile_name", help="Shipped device profile (see `profiles list`)."
+    )(command)
+
+
+def chosen_profile(name: str | None, path: Path | None, name_flag: str = "--profile NAME"):
+    """The one profile the command line names; a usage error unless exactly one source is
+    given. The only place that rule lives."""
+    from .profiles import load_profile
+
+    if bool(name) == bool(path):
+        raise click.UsageError(f"give exactly one of {name_flag} or --profile-file PATH")
+    return load_profile(name, path)
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--profile", "profile_name", help="Shipped device profile (see `profiles list`).")
-@click.option("--profile-file", type=click.Path(path_type=Path), help="Your own profile YAML.")
-@click.option(
-    "--key",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Ed25519 private key that signs the bundle (`edgepack keygen`).",
-)
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The .edgepkg file to write.",
-)
-@click.option(
-    "--calibration",
-    type=click.Path(path_type=Path),
-    help=".npz keyed by input name, first axis = samples (for static int8).",
-)
-@click.option(
-    "--eval",
-    "eval_path",
-    type=click.Path(path_type=Path),
-    help="ONNX and TFLite (required): held-out .npz in the same layout; an optional "
-    "'labels' array adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: a text "
-    "shipped with edgepack).",
-)
-@click.option(
-    "--max-degradation",
-    default=0.01,
-    show_default=True,
-    type=float,
-    help="Gate: largest allowed 1 - mean cosine (or 1 - top-1 agreement).",
-)
-@click.option("--recipe", help="Force one recipe instead of the profile's chain.")
-@click.option("--quant", help="GGUF: one llama.cpp type (e.g. Q4_K_M) instead of the chain.")
-@click.option(
-    "--max-ppl-increase",
-    default=0.10,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="GGUF gate: largest allowed perplexity increase over the source (0.10 = +10%).",
-)
-@click.option(
-    "--allow-requantize",
-    is_flag=True,
-    help="GGUF: accept an already-quantized source (it loses more; a warning is shown).",
-)
-@click.option(
-    "--task",
-    type=click.Choice(["auto", "classification", "embedding", "generic"]),
-    default="auto",
-    show_default=True,
-    help="classification adds top-1 agreement; auto = classification if eval has labels.",
-)
-@click.option("--name", help="Bundle name (default: the model file's stem).")
-@click.option("--version", "bundle_version", default="0.1.0", show_default=True)
-@click.option("--no-measure", is_flag=True, help="Skip host measurements (reproducible bytes).")
-@click.option(
-    "--with-wheels",
-    is_flag=True,
-    help="Also write BUNDLE.wheels/: the runtime's wheels for the profile's platform, hashed "
-    "in the signed manifest, for an offline install (scripts/install-on-device.sh).",
-)
-@click.option(
-    "--extra-wheels",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Folder of wheels PyPI lacks for the platform (e.g. llama-cpp-python for aarch64).",
+@profile_options
+@settings_options(
+    BuildConfig,
+    exclude=("model", "profile"),
+    decls={"output": ("-o", "--output")},
+    click_types={"extra_wheels": click.Path(path_type=Path, file_okay=False)},
+    required=("key", "output"),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 def build(
-    model: Path,
-    profile_name: str | None,
-    profile_file: Path | None,
-    key: Path,
-    output: Path,
-    calibration: Path | None,
-    eval_path: Path | None,
-    max_degradation: float,
-    recipe: str | None,
-    quant: str | None,
-    max_ppl_increase: float,
-    allow_requantize: bool,
-    task: str,
-    name: str | None,
-    bundle_version: str,
-    no_measure: bool,
-    with_wheels: bool,
-    extra_wheels: Path | None,
-    as_json: bool,
+    model: Path, profile_name: str | None, profile_file: Path | None, as_json: bool, **options
 ) -> None:
     """Optimize, quantize, gate, measure and sign MODEL for one device profile."""
-    from .build import BuildConfig, build_bundle
+    profile = chosen_profile(profile_name, profile_file)
+    config = validate_options(BuildConfig, {"model": model, "profile": profile, **given(options)})
+    from .build import build_bundle  # after the checks: a bad option needs no engine
     from .errors import GateError
-    from .profiles import load_profile
 
-    if bool(profile_name) == bool(profile_file):
-        raise click.UsageError("give exactly one of --profile NAME or --profile-file PATH")
-    config = BuildConfig(
-        model=model,
-        profile=load_profile(profile_name, profile_file),
-        key=key,
-        output=output,
-        calibration=calibration,
-        eval=eval_path,
-        max_degradation=max_degradation,
-        recipe=recipe,
-        quant=quant,
-        max_ppl_increase=max_ppl_increase,
-        allow_requantize=allow_requantize,
-        measure=not no_measure,
-        with_wheels=with_wheels,
-        extra_wheels=extra_wheels,
-        task=task,
-        name=name,
-        version=bundle_version,
-    )
+    output = config.output
     console = _console()
     started = time.perf_counter()
 
@@ -286,6 +230,10 @@ def verify(bundle: Path, pubkey: Path) -> None:
     from edge_runtime.bundle import verify_bundle
 
     verified = verify_bundle(bundle, pubkey)
+    if json_requested():
+        report = {"bundle": str(bundle), "key_id": verified.key_id}
+        click.echo(json.dumps({**report, "files": len(verified.manifest.files)}))
+        return
     click.echo(
         f"OK: {bundle} is signed by {verified.key_id}; "
         f"{len(verified.manifest.files)} files match their sha256"
@@ -293,19 +241,16 @@ def verify(bundle: Path, pubkey: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder for edgepack.key and edgepack.pub.",
-)
+@output_option("Folder for edgepack.key and edgepack.pub.")
 @click.option("--force", is_flag=True, help="Replace an existing key pair.")
-def keygen(out_dir: Path, force: bool) -> None:
+def keygen(output: Path, force: bool) -> None:
     """Create an Ed25519 signing key pair."""
     from .keys import generate_keypair
 
-    private, public = generate_keypair(out_dir, overwrite=force)
+    private, public = generate_keypair(output, overwrite=force)
+    if json_requested():
+        click.echo(json.dumps({"private_key": str(private), "public_key": str(public)}))
+        return
     click.echo(f"wrote {private} (keep it secret) and {public} (copy it to devices)")
 
 
@@ -321,6 +266,10 @@ def profiles_list() -> None:
 
     from .profiles import load_all_profiles
 
+    if json_requested():
+        dumped = [p.model_dump(mode="json") for p in load_all_profiles()]
+        click.echo(json.dumps(dumped, indent=2))
+        return
     table = Table(title="device profiles")
     columns = ("name", "arch", "cores", "RAM MB", "budget MB", "accelerator", "onnx", "tflite")
     for column in columns:
@@ -343,17 +292,13 @@ def profiles_list() -> None:
 @click.argument("name", required=False)
 @click.option("--profile-file", type=click.Path(path_type=Path), help="Show your own profile.")
 def profiles_show(name: str | None, profile_file: Path | None) -> None:
-    """Show profile NAME (validated) as JSON."""
-    from .profiles import load_profile
-
-    if bool(name) == bool(profile_file):
-        raise click.UsageError("give exactly one of NAME or --profile-file PATH")
-    click.echo(json.dumps(load_profile(name, profile_file).model_dump(mode="json"), indent=2))
+    """Show profile NAME (validated) as JSON (with or without --json)."""
+    profile = chosen_profile(name, profile_file, name_flag="NAME")
+    click.echo(json.dumps(profile.model_dump(mode="json"), indent=2))
 
 
 @cli.command()
-@click.option("--profile", "profile_name", help="Shipped device profile (see `profiles list`).")
-@click.option("--profile-file", type=click.Path(path_type=Path), help="Your own profile YAML.")
+@profile_options
 @click.option(
     "--backend",
     "backends",
@@ -363,7 +308,7 @@ def profiles_show(name: str | None, profile_file: Path | None) -> None:
     show_default=True,
     help="Backend to include (repeatable); nothing else is bundled.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@output_option("Folder for the executables.")
 @click.option(
     "--form",
     type=click.Choice(["both", "onefile", "onedir"]),
@@ -375,7 +320,7 @@ def freeze(
     profile_name: str | None,
     profile_file: Path | None,
     backends: tuple[str, ...],
-    out_dir: Path,
+    output: Path,
     form: str,
 ) -> None:
     """Build a self-contained `edge-runtime` executable with PyInstaller, for this machine's
@@ -384,15 +329,17 @@ def freeze(
     from rich.table import Table
 
     from .freeze import freeze_runtime
-    from .profiles import load_profile
 
-    if bool(profile_name) == bool(profile_file):
-        raise click.UsageError("give exactly one of --profile NAME or --profile-file PATH")
-    profile = load_profile(profile_name, profile_file)
+    profile = chosen_profile(profile_name, profile_file)
     forms = ("onefile", "onedir") if form == "both" else (form,)
     console = _console()
     with console.status(f"freezing edge-runtime for {profile.name}"):
-        results = freeze_runtime(profile, list(backends), out_dir, forms, console.print)
+        results = freeze_runtime(profile, list(backends), output, forms, console.print)
+    if json_requested():
+        fields = ("form", "executable", "size_bytes", "seconds")
+        rows = [{name: getattr(result, name) for name in fields} for result in results]
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
     table = Table(title=f"edge-runtime for {profile.name} ({', '.join(backends)})")
     for column in ("form", "executable", "size MiB", "build s"):
         table.add_column(column)
@@ -411,8 +358,8 @@ def freeze(
     "name",
     type=click.Choice(["minilm", "minilm-tflite", "digits-cnn", "digits-cnn-tflite", "smollm2"]),
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-def example(name: str, out_dir: Path) -> None:
+@output_option("Folder for the model and its data.")
+def example(name: str, output: Path) -> None:
     """Make an example model with calibration and eval data (needs the examples extra).
 
     smollm2 is a GGUF language model (an F16 source and an evaluation text); it also needs
@@ -422,7 +369,11 @@ def example(name: str, out_dir: Path) -> None:
     """
     from .examples import make_example
 
-    made = make_example(name, out_dir)
+    made = make_example(name, output)
+    if json_requested():
+        paths = {"model": made.model, "calibration": made.calibration, "eval": made.eval}
+        click.echo(json.dumps({key: path and str(path) for key, path in paths.items()}))
+        return
     click.echo(f"model {made.model}\ncalibration {made.calibration}\neval {made.eval}")
 
 

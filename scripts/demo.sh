@@ -15,11 +15,11 @@ RUNTIME="$VENV/bin/edge-runtime"
 
 echo
 echo "==> 1. example model: all-MiniLM-L6-v2 exported to ONNX, real sentences for calibration/eval"
-"$EDGEPACK" example minilm --out "$OUT/model"
+"$EDGEPACK" example minilm -o "$OUT/model"
 
 echo
 echo "==> 2. a signing key"
-[ -f "$OUT/keys/edgepack.key" ] || "$EDGEPACK" keygen --out "$OUT/keys"
+[ -f "$OUT/keys/edgepack.key" ] || "$EDGEPACK" keygen -o "$OUT/keys"
 
 echo
 echo "==> 3. device profiles"
@@ -59,7 +59,7 @@ done
 echo
 echo "==> 6b. a language model: SmolLM2-135M-Instruct (F16 GGUF) for raspberry-pi-5,"
 echo "        quantized by llama.cpp, gated on perplexity, measured llama-bench style"
-"$EDGEPACK" example smollm2 --out "$OUT/model"
+"$EDGEPACK" example smollm2 -o "$OUT/model"
 "$EDGEPACK" build "$OUT/model/smollm2-135m-instruct-f16.gguf" --profile raspberry-pi-5 \
     --key "$OUT/keys/edgepack.key" -o "$OUT/smollm2-raspberry-pi-5.edgepkg"
 "$RUNTIME" info "$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
@@ -70,7 +70,7 @@ echo "        quantized by llama.cpp, gated on perplexity, measured llama-bench 
 echo
 echo "==> 6c. a TFLite model: the digits CNN converted by litert-torch (its own venv under"
 echo "        ~/.cache/edgepack, about 90 s the first time), int8 by ai-edge-quantizer, Raspberry Pi 4"
-"$EDGEPACK" example digits-cnn-tflite --out "$OUT/model"
+"$EDGEPACK" example digits-cnn-tflite -o "$OUT/model"
 "$EDGEPACK" build "$OUT/model/digits-cnn.tflite" --profile raspberry-pi-4 \
     --key "$OUT/keys/edgepack.key" -o "$OUT/digits-tflite-raspberry-pi-4.edgepkg" \
     --calibration "$OUT/model/digits-calibration.npz" --eval "$OUT/model/digits-eval.npz"

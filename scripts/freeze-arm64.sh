@@ -75,7 +75,7 @@ time /tmp/venv/bin/pip install --quiet --no-index --find-links "$out/wheels" \
 echo "==> [arm64] edgepack freeze (PyInstaller under emulation: slow)"
 # LD_LIBRARY_PATH: how PyInstaller finds a libpython (and objdump its libraries) in $tools.
 time LD_LIBRARY_PATH="$tools$libs" /tmp/venv/bin/python -m packager.cli freeze \
-    --profile raspberry-pi-4 --backend onnx --out "$out/frozen" --form onefile
+    --profile raspberry-pi-4 --backend onnx -o "$out/frozen" --form onefile
 exe=$out/frozen/onefile/edge-runtime
 echo "==> [arm64] executable: $(stat -c %s "$exe") bytes ($(du -h "$exe" | cut -f1))"
 # env -i: no PATH, no venv, no Python on the way; only the executable itself.

@@ -10,8 +10,14 @@ import sys
 import time
 import urllib.request
 
-import pytest
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from collector.cli import cli, main
+from collector.settings import CollectorSettings
+from edge_runtime.cli_options import SettingOption
 from tests.brokers import free_port, wait_for_port
 
 
@@ -109,11 +115,12 @@ def test_migrate_lists_the_applied_migrations(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "message"),
+    ("args", "env", "message", "code"),
     [
-        (["serve", "--broker", "ftp://x"], {}, "must look like mqtt://host:1883"),
-        (["serve"], {"EDGE_COLLECTOR_TYPO": "1"}, "unknown settings in the environment"),
-        (["serve", "--db", "mysql://x/y"], {}, "unsupported database URL"),
+        (["serve", "--broker", "ftp://x"], {}, "must look like mqtt://host:1883", 2),
+        (["serve"], {"EDGE_COLLECTOR_TYPO": "1"}, "unknown settings in the environment", 2),
+        (["serve", "--db", "mysql://x/y"], {}, "unsupported database URL", 1),
+        (["serve", "--http-port", "70000"], {}, "--http-port 70000: Input should be less", 2),
         (
             [
                 "serve",
@@ -126,13 +133,113 @@ def test_migrate_lists_the_applied_migrations(tmp_path):
             ],
             {},
             "needs MQTT 5",
+            2,
         ),
     ],
 )
-def test_bad_settings_are_one_error_line(args, env, message, tmp_path):
+def test_bad_settings_are_one_error_line(args, env, message, code, tmp_path):
     done = collector_cli(*args, env=env, cwd=tmp_path)
     output, _ = done.communicate(timeout=30)
 
-    assert done.returncode in (1, 2), output
+    assert done.returncode == code, output
     assert message in output
-    assert "Traceback" not in output
+    assert output.startswith("error: ")
+    assert len(output.strip().splitlines()) == 1, output
+
+
+# --- edge-collector serve: options generated from CollectorSettings ------------------------
+
+# field -> (the flags a user types, the value CollectorSettings then holds)
+FLAG_VALUES = {
+    "broker": (["--broker", "mqtt://broker.local:1884"], "mqtt://broker.local:1884"),
+    "username": (["--username", "collector"], "collector"),
+    "password": (["--password", "s3cret"], "s3cret"),
+    "tls_ca": (["--tls-ca", "ca.pem"], Path("ca.pem")),
+    "tls_cert": (["--tls-cert", "cert.pem"], Path("cert.pem")),
+    "tls_key": (["--tls-key", "key.pem"], Path("key.pem")),
+    "mqtt_version": (["--mqtt-version", "3.1.1"], "3.1.1"),
+    "keepalive_s": (["--keepalive-s", "30"], 30),
+    "db": (["--db", "sqlite:///other.db"], "sqlite:///other.db"),
+    "fleet": (["--fleet", "shop"], "shop"),
+    "shared_group": (["--shared-group", "writers"], "writers"),
+    "client_id": (["--client-id", "collector-2"], "collector-2"),
+    "http_host": (["--http-host", "0.0.0.0"], "0.0.0.0"),
+    "http_port": (["--http-port", "9090"], 9090),
+    "heartbeat_timeout_s": (["--heartbeat-timeout-s", "12.5"], 12.5),
+    "embedded_broker": (["--embedded-broker"], True),
+    "batch_size": (["--batch-size", "50"], 50),
+    "session_expiry_s": (["--session-expiry-s", "60"], 60),
+}
+
+
+@pytest.fixture
+def served_settings(monkeypatch):
+    """Run ``edge-collector serve`` in process up to the library call; return its settings."""
+    for name in list(os.environ):
+        if name.startswith("EDGE_COLLECTOR_"):
+            monkeypatch.delenv(name)
+    seen = {}
+    monkeypatch.setattr("collector.server.run_server", lambda settings: seen.update(s=settings))
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(cli, ["serve", *args])
+        assert result.exit_code == 0, result.output
+        return seen["s"]
+
+    return invoke
+
+
+def test_every_collector_setting_has_a_flag_whose_help_is_its_description():
+    options = {
+        p.field_name: p for p in cli.commands["serve"].params if isinstance(p, SettingOption)
+    }
+
+    assert set(options) == set(CollectorSettings.model_fields)
+    for name, option in options.items():
+        assert option.help == CollectorSettings.model_fields[name].description
+    assert set(FLAG_VALUES) == set(options)
+
+
+@pytest.mark.parametrize("field", sorted(FLAG_VALUES))
+def test_each_serve_flag_reaches_the_settings(served_settings, field):
+    args, expected = FLAG_VALUES[field]
+
+    settings = served_settings(*args)
+
+    value = getattr(settings, field)
+    assert (value.get_secret_value() if field == "password" else value) == expected
+    assert value != CollectorSettings.model_fields[field].default
+
+
+def test_the_embedded_broker_speaks_3_1_1_unless_told_otherwise(served_settings):
+    assert served_settings("--embedded-broker").mqtt_version == "3.1.1"
+    assert served_settings().mqtt_version == "5"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--batch-size", "0"], "--batch-size 0: Input should be greater than or equal to 1"),
+        (["--heartbeat-timeout-s", "0"], "--heartbeat-timeout-s 0.0: Input should be greater"),
+    ],
+)
+def test_an_out_of_range_serve_option_is_one_line_and_exit_2(monkeypatch, capsys, args, line):
+    monkeypatch.setattr(sys, "argv", ["edge-collector", "serve", *args])
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: invalid settings ({line}")
+    assert "(allowed: x " in lines[0]
+
+
+def test_migrate_json(tmp_path):
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+
+    result = CliRunner().invoke(cli, ["--json", "migrate", "--db", db])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"applied": ["0001_initial"]}

@@ -395,3 +395,156 @@ def test_selftest_takes_provider_and_thread_overrides(cnn_bundle, keypair):
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["providers"] == ["CPUExecutionProvider"]
+
+
+# --- the group-level options --------------------------------------------------------------
+
+
+def test_group_json_reaches_a_command_with_its_own_json_flag(cnn_bundle, keypair):
+    args = ["--json", "selftest", str(cnn_bundle), "--pubkey", str(keypair[1])]
+
+    result = CliRunner().invoke(cli, args)
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"] is True
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_json_before_or_after_the_command(cnn_bundle, keypair, input_npz, tmp_path, where):
+    args = ["run", str(cnn_bundle), "--pubkey", str(keypair[1]), "--input", str(input_npz)]
+    args += ["-o", str(tmp_path / "out.npz")]
+
+    result = CliRunner().invoke(cli, ["--json", *args] if where == "before" else [*args, "--json"])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    written = np.load(tmp_path / "out.npz")
+    shapes = {"logits": list(written["logits"].shape)}
+    assert report == {"output": str(tmp_path / "out.npz"), "shapes": shapes}
+
+
+def test_main_with_debug_after_the_command_shows_the_traceback(
+    tampered_bundle, keypair, monkeypatch
+):
+    argv = ["edge-runtime", "selftest", str(tampered_bundle), "--pubkey", str(keypair[1])]
+    argv.append("--debug")
+    monkeypatch.setattr(sys, "argv", argv)
+
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        main()
+
+
+def test_debug_verbose_and_json_are_in_the_help():
+    for args in (["--help"], ["selftest", "--help"], ["agent", "--help"]):
+        shown = CliRunner().invoke(cli, args)
+
+        assert shown.exit_code == 0
+        assert "--debug" in shown.output
+        assert "-v, --verbose" in shown.output
+        assert "--json" in shown.output
+
+
+# --- edge-runtime agent: options generated from AgentSettings -----------------------------
+
+AGENT_BASE = ["agent", "b.edgepkg", "--fleet", "plant", "--device-id", "pi-1"]
+# field -> (the flags a user types, the value AgentSettings then holds)
+AGENT_FLAG_VALUES = {
+    "broker": (["--broker", "mqtt://broker.local:1884"], "mqtt://broker.local:1884"),
+    "username": (["--username", "dev"], "dev"),
+    "password": (["--password", "s3cret"], "s3cret"),
+    "tls_ca": (["--tls-ca", "ca.pem"], Path("ca.pem")),
+    "tls_cert": (["--tls-cert", "cert.pem"], Path("cert.pem")),
+    "tls_key": (["--tls-key", "key.pem"], Path("key.pem")),
+    "mqtt_version": (["--mqtt-version", "3.1.1"], "3.1.1"),
+    "keepalive_s": (["--keepalive-s", "30"], 30),
+    "fleet": (["--fleet", "shop"], "shop"),
+    "device_id": (["--device-id", "pi-9"], "pi-9"),
+    "state_dir": (["--state-dir", "state"], Path("state")),
+    "metrics_interval_s": (["--metrics-interval-s", "2.5"], 2.5),
+    "outbox_max_mb": (["--outbox-max-mb", "8"], 8.0),
+    "outbox_max_age_h": (["--outbox-max-age-h", "12"], 12.0),
+    "window": (["--window", "50"], 50),
+    "pubkey": (["--pubkey", "k.pub"], Path("k.pub")),
+    "demo_load": (["--demo-load", "3"], 3.0),
+    "threads": (["--threads", "2"], 2),
+}
+
+
+@pytest.fixture
+def agent_settings(monkeypatch):
+    """Run ``edge-runtime agent`` in process up to the library call; return its settings."""
+    for name in list(os.environ):
+        if name.startswith("EDGE_RUNTIME_"):
+            monkeypatch.delenv(name)
+    seen = {}
+
+    def fake_run_agent(settings, stop):
+        seen["settings"] = settings
+        return 0
+
+    monkeypatch.setattr("edge_runtime.agent.run_agent", fake_run_agent)
+    monkeypatch.setattr("edge_runtime.cli.stop_on_signals", lambda stop: None)
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(cli, [*AGENT_BASE, *args])
+        assert result.exit_code == 0, result.output
+        return seen["settings"]
+
+    return invoke
+
+
+def test_every_agent_setting_has_a_flag_whose_help_is_its_description():
+    from edge_runtime.agent import AgentSettings
+    from edge_runtime.cli_options import SettingOption
+
+    options = {
+        p.field_name: p for p in cli.commands["agent"].params if isinstance(p, SettingOption)
+    }
+
+    assert set(options) | {"bundle"} == set(AgentSettings.model_fields)  # BUNDLE: argument
+    for name, option in options.items():
+        assert option.help == AgentSettings.model_fields[name].description
+    assert set(AGENT_FLAG_VALUES) == set(options)
+
+
+@pytest.mark.parametrize("field", sorted(AGENT_FLAG_VALUES))
+def test_each_agent_flag_reaches_the_settings(agent_settings, field):
+    args, expected = AGENT_FLAG_VALUES[field]
+
+    settings = agent_settings(*args)
+
+    value = getattr(settings, field)
+    assert (value.get_secret_value() if field == "password" else value) == expected
+    assert settings.bundle == Path("b.edgepkg")
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--window", "0"],
+            "--window 0: Input should be greater than or equal to 1 (allowed: 1 <= x <= 10000)",
+        ),
+        (
+            ["--keepalive-s", "1"],
+            "--keepalive-s 1: Input should be greater than or equal to 5 (allowed: x >= 5)",
+        ),
+        (
+            ["--outbox-max-mb", "0"],
+            "--outbox-max-mb 0.0: Input should be greater than 0 (allowed: x > 0)",
+        ),
+    ],
+)
+def test_an_out_of_range_agent_option_is_one_line_and_exit_2(monkeypatch, capsys, args, line):
+    monkeypatch.setattr(sys, "argv", ["edge-runtime", *AGENT_BASE, *args])
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"error: invalid settings ({line}); settings come from flags, EDGE_RUNTIME_* "
+        "environment variables, or --config FILE"
+    ]

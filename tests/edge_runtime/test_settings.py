@@ -100,7 +100,7 @@ def test_environment_alone_is_enough(monkeypatch):
 def test_an_unknown_key_in_the_file_is_named(tmp_path, fmt):
     config = write_config(tmp_path, {**REQUIRED, "metrics_intervall_s": 5}, fmt)
 
-    with pytest.raises(SettingsError, match="metrics_intervall_s: unknown setting"):
+    with pytest.raises(SettingsError, match=f"agent.{fmt}: metrics_intervall_s: unknown setting"):
         load(config)
 
 
@@ -121,8 +121,36 @@ def test_a_missing_required_setting_is_named():
 def test_a_bad_value_is_named(monkeypatch):
     monkeypatch.setenv("EDGE_RUNTIME_KEEPALIVE_S", "soon")
 
-    with pytest.raises(SettingsError, match="keepalive_s: Input should be a valid integer"):
+    with pytest.raises(
+        SettingsError, match="EDGE_RUNTIME_KEEPALIVE_S=soon: Input should be a valid integer"
+    ):
         load(**REQUIRED)
+
+
+@pytest.mark.parametrize(
+    ("source", "named"),
+    [
+        ("flag", "--window 0: "),
+        ("environment", "EDGE_RUNTIME_WINDOW=0: "),
+        ("file", "agent.yaml: window=0: "),
+    ],
+)
+def test_an_out_of_range_value_names_where_it_came_from_and_the_range(
+    tmp_path, monkeypatch, source, named
+):
+    config = write_config(tmp_path, {"window": 0} if source == "file" else {}, "yaml")
+    if source == "environment":
+        monkeypatch.setenv("EDGE_RUNTIME_WINDOW", "0")
+
+    with pytest.raises(SettingsError) as error:
+        load(config, **REQUIRED, **({"window": 0} if source == "flag" else {}))
+
+    message = str(error.value)
+    assert f"({named}Input should be greater than or equal to 1 (allowed: 1 <= x <= 10000))" in (
+        message
+    )
+    assert error.value.exit_code == 2
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(

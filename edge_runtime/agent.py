@@ -36,16 +36,16 @@ def demo_requests(runtime, rate: float, stop: threading.Event) -> int:
     """Run the self-test inputs round-robin at ``rate`` per second until ``stop``."""
     from .selftest import load_vectors
 
-    if runtime.manifest.llm is not None:
+    spec = runtime.manifest.selftest
+    if spec.kind == "greedy-tokens":
         # A language model's request: a short completion of the self-test prompt.
-        prompt = runtime.manifest.selftest.prompt
 
         def request(index: int) -> None:
-            runtime.generate(prompt, max_tokens=DEMO_COMPLETION_TOKENS, seed=index).read()
+            runtime.generate(spec.prompt, max_tokens=DEMO_COMPLETION_TOKENS, seed=index).read()
 
     else:
-        inputs, _ = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
-        count = runtime.manifest.selftest.count
+        inputs, _ = load_vectors(runtime.model_dir / spec.path)
+        count = spec.count
         samples = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(count)]
 
         def request(index: int) -> None:

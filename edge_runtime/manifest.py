@@ -268,13 +268,15 @@ class Manifest(StrictModel):
     def _paths_are_listed(self) -> Manifest:
         listed = {entry.path for entry in self.files}
         paths = [("model", self.model.path)]
-        if isinstance(self.selftest, SelfTestSpec):
+        if self.selftest.kind == "tensors":
             paths.append(("selftest", self.selftest.path))
         if (self.model.format == "gguf") != (self.llm is not None):
             raise ValueError("the llm section is required for gguf models and only for them")
         engine = ENGINE_OF_FORMAT[self.model.format]
         if self.backend.name != engine:
-            raise ValueError(f"a {self.model.format} model runs on {engine}, not {self.backend.name}")
+            raise ValueError(
+                f"a {self.model.format} model runs on backend {engine!r}, not {self.backend.name!r}"
+            )
         for role, path in paths:
             if path not in listed:
                 raise ValueError(f"{role} path {path!r} is not among the manifest's files")
@@ -321,7 +323,32 @@ def parse_manifest(raw: bytes) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        raise BundleError(f"manifest is invalid: {exc}") from None
+        raise BundleError(
+            f"manifest is invalid: {validation_problems(exc)}; rebuild the bundle with this "
+            "edgepack, or run it with the edgepack version that built it"
+        ) from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Each problem on one line's worth: where (dotted) and what, e.g.
+    "backend.onnx.gpu_layers: Extra inputs are not permitted"."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "manifest"
+        context = error.get("ctx") or {}
+        if error["type"] == "union_tag_invalid":
+            discriminator = str(context.get("discriminator", "")).strip("'")
+            problems.append(
+                f"{where}.{discriminator}: {context.get('tag')!r} is not one of "
+                f"{context.get('expected_tags')}"
+            )
+        elif error["type"] == "union_tag_not_found":
+            discriminator = str(context.get("discriminator", "")).strip("'")
+            problems.append(f"{where}.{discriminator}: missing")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}")
+    return "; ".join(problems)
 
 
 # v1 kept every engine's settings in one flat backend object; each v2 spec takes its own.
@@ -353,5 +380,6 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
         data["measurements"] = {"kind": kind, **measurements}
     selftest = data.get("selftest")
     if isinstance(selftest, dict) and "kind" not in selftest:
-        data["selftest"] = {"kind": "tensors", **selftest}
+        kind = "greedy-tokens" if "tokens" in selftest else "tensors"
+        data["selftest"] = {"kind": kind, **selftest}
     return data

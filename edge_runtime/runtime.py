@@ -12,7 +12,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backends import Backend, BackendOptions, TokenStream, create_backend
+from .backends import (
+    BackendOptions,
+    GenerativeBackend,
+    TensorBackend,
+    TokenStream,
+    create_backend,
+    interface_for,
+)
 from .bundle import VerifiedBundle, extract_bundle, verify_bundle
 from .errors import BackendError, InputSignatureError
 from .manifest import Manifest, TensorSpec
@@ -20,6 +27,11 @@ from .selftest import SelfTestReport, run_selftest
 
 log = logging.getLogger(__name__)
 _clock = time.perf_counter
+
+RUN_ON_LANGUAGE_MODEL = (
+    "this bundle holds a language model: call generate(prompt) or chat(messages), "
+    "or `edge-runtime generate BUNDLE PROMPT`"
+)
 
 
 class TelemetryHook(Protocol):
@@ -45,7 +57,7 @@ class Runtime:
         self,
         verified: VerifiedBundle,
         model_dir: Path,
-        backend: Backend,
+        backend: TensorBackend | GenerativeBackend,
         owns_dir: bool,
         telemetry: TelemetryHook | None = None,
     ) -> None:
@@ -53,7 +65,15 @@ class Runtime:
         self.model_dir = model_dir
         self._backend = backend
         self._owns_dir = owns_dir
-        self._generative = verified.manifest.llm is not None
+        # Decided once, from the manifest: the backend implements exactly one of the two.
+        interface = interface_for(verified.manifest)
+        if not isinstance(backend, interface):
+            raise BackendError(
+                f"bundle {verified.manifest.name!r} needs a {interface.__name__}, "
+                f"not {type(backend).__name__}"
+            )
+        self._tensors = backend if interface is TensorBackend else None
+        self._text = backend if interface is GenerativeBackend else None
         self._check_inputs = InputChecker(verified.manifest.inputs)
         self._telemetry: TelemetryHook | None = None
         self.telemetry = telemetry
@@ -118,7 +138,7 @@ class Runtime:
         target = Path(tempfile.mkdtemp(prefix="edgepack-")) if owns_dir else Path(extract_dir)
         try:
             model_dir = extract_bundle(verified, target)
-            backend = create_backend(manifest.backend.name)
+            backend = create_backend(manifest.backend.name, interface_for(manifest))
             backend.load(
                 model_dir,
                 manifest,
@@ -137,7 +157,7 @@ class Runtime:
         return self._verified.manifest
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> TensorBackend | GenerativeBackend:
         """The loaded backend; ``runtime.backend.engine`` is the engine object itself."""
         return self._backend
 
@@ -161,17 +181,18 @@ class Runtime:
                 the message names the expected signature.
             BackendError: the bundle holds a language model (use ``generate``).
         """
-        if self._generative:
-            self._backend.run(inputs)  # raises BackendError: use generate()
+        backend = self._tensors
+        if backend is None:
+            raise BackendError(RUN_ON_LANGUAGE_MODEL)
         telemetry = self._telemetry
         if telemetry is None:
             self._check_inputs(inputs)
             # Backends only read the dict; copy other mappings into one.
-            return self._backend.run(inputs if type(inputs) is dict else dict(inputs))
+            return backend.run(inputs if type(inputs) is dict else dict(inputs))
         started = _clock()
         try:
             self._check_inputs(inputs)
-            outputs = self._backend.run(dict(inputs))
+            outputs = backend.run(dict(inputs))
         except Exception as exc:
             telemetry.record(_clock() - started, False, error=f"{exc}"[:500])
             raise
@@ -229,31 +250,24 @@ class Runtime:
         """
         return self._reported(self._generator().chat(messages, **options))
 
-    def _generator(self):
-        if not hasattr(self._backend, "generate"):
+    def _generator(self) -> GenerativeBackend:
+        if self._text is None:
             raise BackendError(
                 f"bundle {self.manifest.name!r} holds an {self.manifest.model.format.upper()} "
                 "model, not a language model; use run(inputs)"
             )
-        return self._backend
+        return self._text
 
     def _reported(self, stream: TokenStream) -> TokenStream:
-        """Wrap ``stream`` so telemetry sees its duration and token count when it ends."""
+        """Have telemetry see the stream's duration and token count when it ends."""
         telemetry = self._telemetry
-        if telemetry is None:
-            return stream
-        pieces = stream._pieces
+        if telemetry is not None:
 
-        def timed():
-            started = _clock()
-            try:
-                yield from pieces
-            except Exception as exc:
-                telemetry.record(_clock() - started, False, stream.completion_tokens, f"{exc}")
-                raise
-            telemetry.record(_clock() - started, True, stream.completion_tokens)
+            def report(stream: TokenStream, seconds: float, error: Exception | None) -> None:
+                error_text = None if error is None else f"{error}"[:500]
+                telemetry.record(seconds, error is None, stream.completion_tokens, error_text)
 
-        stream._pieces = timed()
+            stream.add_done_callback(report)
         return stream
 
     def selftest(self) -> SelfTestReport:

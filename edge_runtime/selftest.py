@@ -53,7 +53,7 @@ def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
 def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport:
     """Run every vector one sample at a time and compare with the stored fp32 reference."""
     spec = manifest.selftest
-    if isinstance(spec, TokenSelfTestSpec):
+    if spec.kind == "greedy-tokens":
         return run_token_selftest(runtime.backend, spec)
     inputs, references = load_vectors(model_dir / spec.path)
     failures: list[str] = []

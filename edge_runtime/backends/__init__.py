@@ -1,4 +1,9 @@
-"""Inference backends behind one small interface; the manifest picks one by name.
+"""Inference backends behind two small interfaces; the manifest picks one by name.
+
+A ``TensorBackend`` runs tensors in and tensors out (ONNX Runtime, LiteRT); a
+``GenerativeBackend`` generates text (llama.cpp). ``Runtime`` decides once, from the
+manifest, which of the two a bundle needs, and ``create_backend`` checks that the
+registered class implements it.
 
 Each backend module imports its engine inside ``load``, so a device only needs the engine
 of the bundles it runs, and ``edge-runtime --help`` imports none of them.
@@ -7,11 +12,12 @@ of the bundles it runs, and ``edge-runtime --help`` imports none of them.
 from __future__ import annotations
 
 import importlib
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,7 +42,11 @@ class BackendOptions:
     context_length: int | None = None
 
 
-@dataclass
+# Called once when a stream ends: (the stream, seconds from its first read, the error
+# that ended it or None). An abandoned stream (closed before its end) calls nothing.
+StreamDone = Callable[["TokenStream", float, "Exception | None"], None]
+
+
 class TokenStream:
     """Text pieces as they are generated; iterate it. Counts are final once it is exhausted.
 
@@ -44,16 +54,59 @@ class TokenStream:
     (``max_tokens`` or the context is full) or None while running or if abandoned.
     """
 
-    _pieces: Iterator[str]
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    text: list[str] = field(default_factory=list)
+    def __init__(
+        self,
+        produce: Callable[[TokenStream], Iterator[str]],
+        prompt_tokens: int,
+        on_finish: StreamDone | None = None,
+    ) -> None:
+        """
+        Args:
+            produce: called with this stream on the first read; yields the text pieces
+                and keeps ``completion_tokens`` and ``finish_reason`` up to date.
+            prompt_tokens: tokens in the prompt.
+            on_finish: called once when the stream ends (see ``add_done_callback``).
+        """
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.text: list[str] = []
+        self.seconds: float | None = None
+        self._produce = produce
+        self._pieces: Iterator[str] | None = None
+        self._started = 0.0
+        self._callbacks: list[StreamDone] = [on_finish] if on_finish else []
+
+    def add_done_callback(self, callback: StreamDone) -> None:
+        """Call ``callback(stream, seconds, error)`` once, when the stream ends.
+
+        ``error`` is None when the stream ran to its end, else the exception that ended
+        it (it is raised to the reader too). A stream already ended calls it at once.
+        """
+        if self.seconds is not None:
+            callback(self, self.seconds, None)
+        else:
+            self._callbacks.append(callback)
 
     def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces:
-            self.text.append(piece)
-            yield piece
+        if self._pieces is None:
+            self._started = time.perf_counter()
+            self._pieces = self._produce(self)
+        try:
+            for piece in self._pieces:
+                self.text.append(piece)
+                yield piece
+        except Exception as exc:
+            self._finish(exc)
+            raise
+        self._finish(None)
+
+    def _finish(self, error: Exception | None) -> None:
+        if self.seconds is not None:
+            return
+        self.seconds = time.perf_counter() - self._started
+        for callback in self._callbacks:
+            callback(self, self.seconds, error)
 
     def read(self) -> str:
         """Consume the rest of the stream and return the whole generated text."""
@@ -63,17 +116,16 @@ class TokenStream:
 
 
 class Backend(ABC):
-    """Runs one model. Use as a context manager, or call ``close``."""
+    """What every backend has: load, close, info, the engine; a context manager.
+
+    Implement ``TensorBackend`` or ``GenerativeBackend``, not this class.
+    """
 
     name: str
 
     @abstractmethod
     def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:
         """Load the model files from ``model_dir`` (already verified and extracted)."""
-
-    @abstractmethod
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one inference on validated inputs; return outputs by name."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines free on GC
         """Release the engine's resources."""
@@ -88,18 +140,67 @@ class Backend(ABC):
         that need what the facade does not offer; None before ``load``."""
         return None
 
-    def __enter__(self) -> Backend:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
-def create_backend(name: str) -> Backend:
+class TensorBackend(Backend):
+    """Runs a model on named tensors (ONNX Runtime, LiteRT)."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference on validated inputs; return outputs by name."""
+
+
+class GenerativeBackend(Backend):
+    """Generates text from a language model (llama.cpp)."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        special: bool = False,
+    ) -> TokenStream:
+        """Stream a completion of ``prompt``; ``special`` parses special tokens in it."""
+
+    @abstractmethod
+    def chat(self, messages: list[dict[str, str]], **options: Any) -> TokenStream:
+        """Format ``messages`` with the model's chat template, then ``generate``."""
+
+    @abstractmethod
+    def greedy_tokens(self, prompt: str, count: int) -> tuple[list[int], list[float]]:
+        """The first ``count`` greedy tokens after ``prompt`` and each one's logit margin."""
+
+
+Interface = TypeVar("Interface", bound=Backend)
+
+
+def interface_for(manifest: Manifest) -> type[TensorBackend] | type[GenerativeBackend]:
+    """The interface a bundle's backend must implement: language models generate text
+    (a GGUF model, with its ``llm`` section), every other format runs tensors."""
+    return GenerativeBackend if manifest.llm is not None else TensorBackend
+
+
+def create_backend(name: str, interface: type[Interface] = Backend) -> Interface:
     """Instantiate the backend registered as ``name``.
 
+    Args:
+        name: the manifest's ``backend.name``.
+        interface: what the caller will use it as (``TensorBackend`` or
+            ``GenerativeBackend``); the registered class must implement it.
+
     Raises:
-        BackendError: the name is unknown.
+        BackendError: the name is unknown, or its class is not an ``interface``.
     """
     target = BACKENDS.get(name)
     if target is None:
@@ -108,4 +209,10 @@ def create_backend(name: str) -> Backend:
             f"available: {', '.join(sorted(BACKENDS))}"
         )
     module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    if not issubclass(backend_class, interface):
+        raise BackendError(
+            f"backend {name!r} ({target}) is not a {interface.__name__}, which this bundle "
+            f"needs; register a class that implements {interface.__name__} in BACKENDS"
+        )
+    return backend_class()

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from . import Backend, BackendOptions, TokenStream
+from . import BackendOptions, GenerativeBackend, TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(GenerativeBackend):
     name = "llamacpp"
 
     def __init__(self) -> None:
@@ -133,6 +133,8 @@ class LlamaCppBackend(Backend):
         model_path = model_dir / manifest.model.path
         read_gguf(model_path)  # refuses a malformed file before llama.cpp parses it
         spec = manifest.backend
+        if spec.name != "llamacpp":
+            raise BackendError(f"the llama.cpp backend cannot run a {spec.name} bundle")
         threads = options.threads if options.threads is not None else spec.intra_op_threads
         self._threads = threads or os.cpu_count() or 1
         self._gpu_layers = spec.gpu_layers if options.gpu_layers is None else options.gpu_layers
@@ -143,12 +145,6 @@ class LlamaCppBackend(Backend):
             context_length=self._context_length,
             threads=self._threads,
             gpu_layers=self._gpu_layers,
-        )
-
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        raise BackendError(
-            "this bundle holds a language model: call generate(prompt) or chat(messages), "
-            "or `edge-runtime generate BUNDLE PROMPT`"
         )
 
     def _require(self):
@@ -182,11 +178,13 @@ class LlamaCppBackend(Backend):
             )
         if seed is not None:
             llm.set_seed(seed)
-        stream = TokenStream(iter(()), prompt_tokens=len(prompt_tokens))
-        stream._pieces = self._pieces(
-            stream, prompt_tokens, min(max_tokens, room), temperature, top_p, top_k, list(stop)
+        limit, stops = min(max_tokens, room), list(stop)
+        return TokenStream(
+            lambda stream: self._pieces(
+                stream, prompt_tokens, limit, temperature, top_p, top_k, stops
+            ),
+            prompt_tokens=len(prompt_tokens),
         )
-        return stream
 
     def _pieces(self, stream, prompt_tokens, limit, temperature, top_p, top_k, stops):
         llm = self._llm

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import BackendError, ModelFileError
 from ..manifest import Manifest, TensorSpec
 from ..tflite_file import check_tflite
-from . import Backend, BackendOptions
+from . import BackendOptions, TensorBackend
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _specs(details: dict[str, dict]) -> list[TensorSpec]:
     return specs
 
 
-class TfliteBackend(Backend):
+class TfliteBackend(TensorBackend):
     name = "tflite"
 
     def __init__(self) -> None:
@@ -220,6 +220,8 @@ class TfliteBackend(Backend):
 
     def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:
         spec = manifest.backend
+        if spec.name != "tflite":
+            raise BackendError(f"the TFLite backend cannot run a {spec.name} bundle")
         threads = options.threads if options.threads is not None else spec.intra_op_threads
         try:
             self._session = TfliteSession(

@@ -20,7 +20,7 @@ def test_round_trip_is_canonical(cnn_bundle, keypair):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+        (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
         (lambda d: d.update(surprise=1), "Extra inputs are not permitted"),
         (lambda d: d["model"].update(path="model/other.onnx"), "is not among the manifest's files"),
         (lambda d: d["selftest"].update(path="x.npz"), "is not among the manifest's files"),

@@ -14,7 +14,13 @@ import pytest
 from edge_runtime.backends import create_backend
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.errors import BackendError, InputSignatureError, TrustError
-from edge_runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, TensorSpec, parse_manifest
+from edge_runtime.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    TensorSpec,
+    TfliteBackendSpec,
+    parse_manifest,
+)
 from edge_runtime.runtime import InputChecker, Runtime, check_inputs
 from edge_runtime.selftest import cosine_rows, load_vectors, run_selftest
 from edge_runtime.signing import key_id, load_public_key
@@ -292,13 +298,14 @@ def test_create_backend_refuses_an_unknown_name(name):
 
 
 def test_open_refuses_a_model_the_named_backend_cannot_read(cnn_bundle, keypair, tmp_path):
-    """A validly signed manifest that sends an ONNX file to the TFLite backend."""
+    """A validly signed manifest that calls an ONNX file TFLite, for the TFLite backend."""
     manifest = verify_bundle(cnn_bundle, keypair[1]).manifest
     bundle = resign(
         cnn_bundle,
         keypair[0],
         tmp_path / "tflite.edgepkg",
-        backend=manifest.backend.model_copy(update={"name": "tflite"}),
+        model=manifest.model.model_copy(update={"format": "tflite", "opset": None}),
+        backend=TfliteBackendSpec(intra_op_threads=1),
     )
 
     with pytest.raises(BackendError, match="refusing to load model/model.onnx: .*probably ONNX"):

@@ -276,7 +276,7 @@ def test_generation_is_reported_to_telemetry_when_the_stream_ends(smollm2_pi5_bu
     record = hook.records[0]
     assert (record["ok"], record["error"]) == (True, None)
     assert record["tokens"] == stream.completion_tokens == 8
-    assert record["seconds"] > 0
+    assert record["seconds"] == stream.seconds > 0
     [(facts, _)] = hook.births
     assert (facts["backend"], facts["recipe"]) == ("llamacpp", "Q4_K_M")
     [(name, level, data)] = hook.events

@@ -1,0 +1,164 @@
+"""One readable summary of a manifest, for every model format and schema version.
+
+``edgepack inspect`` (on the host, signature not checked) and ``edge-runtime info`` (on
+the device, after verification) both print ``summary_text``, so the two cannot drift.
+Each row is a label and a value; what a row says depends on the manifest's ``kind`` and
+``name`` discriminators, never on which attributes happen to exist.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .manifest import Manifest
+
+LABEL_WIDTH = 10
+NOT_CHECKED = "not checked here (`edgepack verify` or `edge-runtime info` checks it)"
+
+
+def summary_rows(manifest: Manifest, signed_by: str | None = None) -> list[tuple[str, str]]:
+    """The summary as (label, value) rows, in display order.
+
+    Args:
+        manifest: a parsed manifest (schema 1 or 2).
+        signed_by: the id of the key that verified the signature; None when it was not
+            checked (``edgepack inspect``).
+    """
+    m = manifest
+    rows = [
+        ("bundle", f"{m.name} {m.version} ({m.bundle_id})"),
+        ("signed by", signed_by or NOT_CHECKED),
+        ("created", f"{m.created}, manifest schema {m.schema_version}"),
+        ("target", f"{m.target.profile} ({m.target.arch}, accelerator {m.target.accelerator})"),
+        *_backend_rows(m),
+        ("model", _model_text(m)),
+        *_signature_rows(m),
+        ("gate", _gate_text(m)),
+        (
+            "memory",
+            f"{m.memory.required_mb} MB ({m.memory.basis}) of {m.memory.budget_mb:.0f} MB",
+        ),
+    ]
+    if m.measurements is not None:
+        rows.append(("measured", _measured_text(m)))
+    rows.append(("self-test", _selftest_text(m)))
+    if m.steps:
+        steps = " > ".join(f"{step.name} ({step.seconds:.1f}s)" for step in m.steps)
+        rows.append(("steps", steps))
+    if m.wheelhouse is not None:
+        wheels = m.wheelhouse
+        missing = f"; missing {', '.join(wheels.missing)}" if wheels.missing else ""
+        rows.append(
+            (
+                "wheels",
+                f"{wheels.folder}: {len(wheels.wheels)} wheels for {wheels.platform_tag}, "
+                f"Python {wheels.python_version}{missing}",
+            )
+        )
+    for entry in m.files:
+        rows.append(("file", f"{entry.path} {entry.size} bytes sha256 {entry.sha256[:16]}..."))
+    rows.append(("tools", ", ".join(f"{k} {v}" for k, v in sorted(m.tools.items()))))
+    return rows
+
+
+def summary_text(manifest: Manifest, signed_by: str | None = None) -> str:
+    """``summary_rows`` as aligned plain-text lines, e.g. "target     raspberry-pi-4 (...)"."""
+    return "\n".join(format_row(label, value) for label, value in summary_rows(manifest, signed_by))
+
+
+def format_row(label: str, value: str) -> str:
+    return f"{label:<{LABEL_WIDTH}} {value}"
+
+
+def summary_json(manifest_bytes: bytes, signed_by: str) -> str:
+    """What ``edge-runtime info --json`` prints: the signer and the manifest as signed."""
+    document: dict[str, Any] = {"signed_by": signed_by, "manifest": json.loads(manifest_bytes)}
+    return json.dumps(document, indent=2, ensure_ascii=False)
+
+
+def _backend_rows(m: Manifest) -> list[tuple[str, str]]:
+    spec = m.backend
+    if spec.name == "onnx":
+        providers = ", ".join(spec.providers) or "ONNX Runtime's default"
+        threads = spec.intra_op_threads or "ONNX Runtime's choice of"
+        return [
+            ("backend", f"onnx: {providers}"),
+            (
+                "session",
+                f"{threads} threads, CPU memory arena {_on(spec.enable_cpu_mem_arena)}, "
+                f"spinning {_on(spec.allow_spinning)}",
+            ),
+        ]
+    if spec.name == "tflite":
+        return [("backend", f"tflite: {spec.tflite_settings()}")]
+    return [("backend", "llamacpp")]  # its settings are on the context row
+
+
+def _model_text(m: Manifest) -> str:
+    text = f"{m.model.path}: {m.model.recipe} ({m.model.precision})"
+    if m.model.format == "onnx":
+        return f"{text}, opset {m.model.opset}"
+    if m.model.format == "tflite":
+        return f"{text}, signature {m.model.signature}"
+    return f"{text}, GGUF"
+
+
+def _signature_rows(m: Manifest) -> list[tuple[str, str]]:
+    if m.llm is None:
+        return [
+            ("inputs", m.signature_text(m.inputs)),
+            ("outputs", m.signature_text(m.outputs)),
+        ]
+    llm = m.llm
+    return [
+        (
+            "llm",
+            f"{llm.architecture}, {llm.n_parameters / 1e6:.0f}M parameters, "
+            f"{llm.quant_type} from {llm.source_type}",
+        ),
+        (
+            "context",
+            f"{llm.context_length} tokens, {m.backend.gpu_layers} GPU layers, "
+            f"{_threads(m.backend)} threads",
+        ),
+        ("chat", "template included" if llm.chat_template else "no template"),
+    ]
+
+
+def _threads(spec) -> str:
+    return str(spec.intra_op_threads or "all")
+
+
+def _gate_text(m: Manifest) -> str:
+    q = m.quantization
+    attempts = ", ".join(f"{attempt.recipe} {attempt.status}" for attempt in q.attempts)
+    return f"{q.gate_metric} <= {q.max_degradation} on {q.eval_samples} samples; {attempts}"
+
+
+def _measured_text(m: Manifest) -> str:
+    figures = m.measurements
+    if figures.kind == "llm":
+        return (
+            f"pp{figures.pp_tokens} {figures.pp_tokens_per_s:.1f} tokens/s, "
+            f"tg{figures.tg_tokens} {figures.tg_tokens_per_s:.1f} tokens/s "
+            f"({figures.threads} threads), peak {figures.peak_memory_mb:.1f} MB on {figures.host}"
+        )
+    return (
+        f"p50 {figures.latency_ms_p50:.3g} ms, p95 {figures.latency_ms_p95:.3g} ms, "
+        f"peak {figures.peak_memory_mb:.1f} MB on {figures.host}"
+    )
+
+
+def _selftest_text(m: Manifest) -> str:
+    spec = m.selftest
+    if spec.kind == "greedy-tokens":
+        return (
+            f"{len(spec.tokens)} greedy tokens after {spec.prompt!r}, "
+            f"near-tie margin {spec.tie_margin:g}"
+        )
+    return f"{spec.count} vectors, atol {spec.atol:.3g}, min cosine {spec.min_cosine}"
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"

@@ -6,7 +6,8 @@
 (b) Generation: a signed raspberry-pi-5 bundle (Q4_K_M) through Runtime.generate against
     bare llama-cpp-python calls on the runtime's own engine object, runtime.backend.engine
     (streamed create_completion, and the low-level Llama.generate loop), so one llama.cpp
-    thread pool serves all three; decode tokens/s, interleaved runs, medians (goal: runtime / create_completion >= 0.97).
+    thread pool serves all three; decode tokens/s, interleaved runs, medians
+    (goal: runtime / create_completion >= 0.97).
 (c) Prompt processing: a ~400-token prompt, time to the first piece, the same two ways
     (goal: runtime / create_completion >= 0.97).
 (d) Decode speed against the memory-bandwidth bound: this machine's read bandwidth divided

@@ -32,11 +32,13 @@ STRICT_SKIPS = os.environ.get("CI", "").lower() == "true"
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
-        if item.get_closest_marker("gpu") is None:
-            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-            report.outcome = "failed"
-            report.longrepr = f"skipped under CI=true, where every real component must be present: {reason}"
+    missing = report.skipped and not hasattr(report, "wasxfail")
+    if STRICT_SKIPS and missing and item.get_closest_marker("gpu") is None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI=true, where every real component must be present: {reason}"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -110,10 +110,12 @@ class EdgeGroup(click.Group):
 
 
 def set_log_levels(levels: dict[str, int], fmt: str = "%(message)s") -> None:
-    """Configure logging once; later calls (a later ``-v``) only change the levels."""
+    """Log to stderr at ``levels[""]`` (unless the process already logs somewhere), and set
+    the named loggers' levels."""
     logging.basicConfig(level=levels[""], format=fmt)
     for name, level in levels.items():
-        logging.getLogger(name or None).setLevel(level)
+        if name:
+            logging.getLogger(name).setLevel(level)
 
 
 class OptionError(click.ClickException):

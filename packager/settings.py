@@ -48,14 +48,12 @@ class BuildConfig(BaseModel):
     )
     allow_requantize: bool = Field(
         False,
-        description="GGUF: accept an already-quantized source (it loses more; a warning is "
-        "shown).",
+        description="GGUF: accept an already-quantized source (it loses more; a warning is shown).",
     )
     max_ppl_increase: float = Field(
         0.10,
         ge=0,
-        description="GGUF gate: largest allowed perplexity increase over the source "
-        "(0.10 = +10%).",
+        description="GGUF gate: largest allowed perplexity increase over the source (0.10 = +10%).",
     )
     llm_window: int = Field(512, ge=64, description="GGUF: tokens per perplexity window.")
     selftest_tokens: int = Field(
@@ -75,8 +73,7 @@ class BuildConfig(BaseModel):
     recipe: str | None = Field(None, description="Force one recipe instead of the profile's chain.")
     measure: bool = Field(
         True,
-        description="Measure latency and memory on this host (--no-measure: reproducible "
-        "bytes).",
+        description="Measure latency and memory on this host (--no-measure: reproducible bytes).",
     )
     task: Literal["auto", "classification", "embedding", "generic"] = Field(
         "auto",

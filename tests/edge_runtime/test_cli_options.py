@@ -111,9 +111,7 @@ def test_a_bad_value_is_one_line_naming_the_flag_and_the_range(args, line):
     result = CliRunner().invoke(demo_command({}), ["demo", *args])
 
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [
-        f"{line}; see --help for the allowed values"
-    ]
+    assert result.output.strip().splitlines() == [f"{line}; see --help for the allowed values"]
 
 
 def test_a_bad_secret_is_never_echoed():

@@ -548,3 +548,18 @@ def test_an_out_of_range_agent_option_is_one_line_and_exit_2(monkeypatch, capsys
         f"error: invalid settings ({line}); settings come from flags, EDGE_RUNTIME_* "
         "environment variables, or --config FILE"
     ]
+
+
+@pytest.mark.slow
+def test_generate_json_prints_one_object(smollm2_pi5_bundle, keypair):
+    args = ["--json", "generate", str(smollm2_pi5_bundle), "--pubkey", str(keypair[1])]
+    args += ["Name the three primary colors.", "--temperature", "0", "--max-tokens", "8"]
+
+    result = CliRunner().invoke(cli, args)
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) == {"text", "completion_tokens", "finish_reason"}
+    assert report["completion_tokens"] == 8
+    assert report["finish_reason"] == "length"
+    assert report["text"].strip()

@@ -192,6 +192,7 @@ def test_info_shows_the_language_model_lines(bundle_fixture, expected, request, 
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[-3:] == expected
+    at = lines.index(expected[0])
+    assert lines[at : at + 3] == expected
     assert any(line.startswith("backend    llamacpp") for line in lines)
     assert not any(line.startswith(("inputs ", "outputs ")) for line in lines)

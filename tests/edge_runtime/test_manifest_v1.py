@@ -247,7 +247,7 @@ def test_v1_bundle_opens_self_tests_and_runs(v1_fixture, v2_fixture, spec_type, 
             assert isinstance(runtime.manifest.selftest, SelfTestSpec)
             assert isinstance(runtime.manifest.measurements, Measurements | None)
             inputs, references = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
-            outputs = runtime.run(inputs)
+            outputs = runtime.run({name: value[:1] for name, value in inputs.items()})
             assert set(outputs) == set(references)
             assert all(np.isfinite(value).all() for value in outputs.values())
 

@@ -22,9 +22,8 @@ from edge_runtime.backends.tflite import (
 )
 from edge_runtime.bundle import extract_bundle, verify_bundle
 from edge_runtime.errors import BackendError, InputSignatureError
-from tests.tflite_runtime_venv import ensure_tflite_runtime_venv, run_in_venv
-
 from tests.numerics import assert_close_across_kernels
+from tests.tflite_runtime_venv import ensure_tflite_runtime_venv, run_in_venv
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +132,25 @@ def test_concurrent_callers_get_their_own_answers(digits_tflite_example, images)
     session = TfliteSession(digits_tflite_example.model, 1)
     expected = _logits(session.run, images)
     results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
 
     def worker(index: int) -> None:
-        results[index] = np.concatenate(
-            [session.run({"image": images[i : i + 1]})["logits"] for i in range(len(images))]
-        )
+        try:
+            results[index] = np.concatenate(
+                [session.run({"image": images[i : i + 1]})["logits"] for i in range(len(images))]
+            )
+        except BaseException as exc:  # a dead thread must fail the test, not vanish
+            errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=120)
+
+    assert not any(thread.is_alive() for thread in threads), "a worker did not return"
+    assert errors == []
+    assert sorted(results) == [0, 1, 2, 3]
     for result in results.values():
         np.testing.assert_array_equal(result, expected)
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.errors import InputSignatureError
+from edge_runtime.runtime import check_inputs
+
 from .errors import DataError
 
 LABELS_KEY = "labels"
+# A fixed timestamp keeps the zip headers free of wall-clock time (reproducible bundles).
+_FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def load_npz(
@@ -61,3 +67,32 @@ def sample(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
 
 def sample_count(arrays: dict[str, np.ndarray]) -> int:
     return len(next(iter(arrays.values())))
+
+
+def check_data(specs, arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Refuse data whose dtype or fixed sizes cannot feed the model, before any work."""
+    try:
+        check_inputs(specs, sample(arrays, 0))
+    except InputSignatureError as exc:
+        raise DataError(
+            f"{path}: {exc} (the model takes one sample per call on its first axis)"
+        ) from None
+
+
+def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` like ``np.savez`` but byte-identically for identical arrays."""
+    path.write_bytes(npz_bytes(arrays))
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_DATE)
+            info.external_attr = 0o644 << 16
+            member = io.BytesIO()
+            np.lib.format.write_array(
+                member, np.ascontiguousarray(arrays[name]), allow_pickle=False
+            )
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()

@@ -20,6 +20,26 @@ from edge_runtime.backends.llamacpp import import_llama_cpp, open_llama
 from .errors import DataError
 
 MIN_WINDOW = 32
+# Shipped with edgepack: original prose on unrelated topics (see docs/llm.md).
+DEFAULT_EVAL_TEXT = Path(__file__).with_name("llm_eval.txt")
+
+
+def check_eval_text(path: Path | None) -> Path:
+    """The evaluation text to use (the default when ``path`` is None), checked up front."""
+    path = path or DEFAULT_EVAL_TEXT
+    if path.suffix.lower() != ".txt":
+        raise DataError(f"{path.name}: for a GGUF model, --eval takes a UTF-8 .txt file")
+    if not path.is_file():
+        raise DataError(f"evaluation text {path} does not exist")
+    return path
+
+
+def read_eval_text(path: Path | None) -> str:
+    path = check_eval_text(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: {exc}") from None
 
 
 @dataclass

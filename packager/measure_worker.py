@@ -1,11 +1,21 @@
-"""Measure one ONNX or TFLite model in a fresh process: load time, latency, peak memory.
+"""Measure one model in a fresh process: load time, the format's timings, peak memory.
 
-Run as ``python -m packager.measure_worker REQUEST.json``; prints one JSON line.
-A fresh process keeps the peak-memory figure free of the packager's own allocations.
+Run as ``python -m packager.measure_worker REQUEST.json``. The request names the
+format's loader (``"loader": "module:function"``): called with the request, it loads the
+model and returns a function that runs the timed work and returns its figures. The worker
+prints one JSON line, the same shape for every format::
+
+    {"load_seconds": 0.042, "peak_memory_mb": 61.3, ...the format's figures}
+
+``peak_memory_mb`` is the model's memory: the process's peak resident set size after
+loading and running the model, minus its resident set size just before the engine was
+imported and the model loaded (Python, numpy and the request are not counted). The
+build's memory-fit check compares this figure with the profile's budget for every format.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import resource
 import sys
@@ -39,57 +49,27 @@ def _peak_rss_mb() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _load_onnx(request: dict):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = request["threads"]
-    options.enable_cpu_mem_arena = request["cpu_mem_arena"]
-    if not request["allow_spinning"]:  # as the device runtime will run it
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(request["model"], options, providers=request["providers"])
-    return lambda inputs: session.run(None, inputs)
-
-
-def _load_tflite(request: dict):
-    from pathlib import Path
-
-    from edge_runtime.backends.tflite import TfliteSession
-
-    # The same session class the device backend runs the model with.
-    return TfliteSession(Path(request["model"]), request["threads"], request["xnnpack"]).run
-
-
-def main(request_path: str) -> None:
-    import numpy as np
-
-    with open(request_path, encoding="utf-8") as handle:
-        request = json.load(handle)
-    with np.load(request["inputs"], allow_pickle=False) as data:
-        inputs = {key: data[key] for key in data.files}
+def measure(request: dict) -> dict:
+    """Load and run the model as ``request`` says; the figures, in the one shape."""
+    module_name, function_name = request["loader"].split(":")
+    loader = getattr(importlib.import_module(module_name), function_name)
     _reset_peak()
     baseline = _status_mb("VmRSS") or _peak_rss_mb()
     started = time.perf_counter()
-    run = _load_tflite(request) if request.get("format") == "tflite" else _load_onnx(request)
+    bench = loader(request)
     load_seconds = time.perf_counter() - started
-    for _ in range(request["warmup"]):
-        run(inputs)
-    timings = []
-    for _ in range(request["runs"]):
-        started = time.perf_counter()
-        run(inputs)
-        timings.append((time.perf_counter() - started) * 1000)
-    print(
-        json.dumps(
-            {
-                "runs": len(timings),
-                "latency_ms_p50": float(np.percentile(timings, 50)),
-                "latency_ms_p95": float(np.percentile(timings, 95)),
-                "peak_memory_mb": max(_peak_rss_mb() - baseline, 0.0),
-                "load_seconds": load_seconds,
-            }
-        )
-    )
+    figures = bench()
+    return {
+        "load_seconds": round(load_seconds, 3),
+        "peak_memory_mb": round(max(_peak_rss_mb() - baseline, 0.0), 1),
+        **figures,
+    }
+
+
+def main(request_path: str) -> None:
+    with open(request_path, encoding="utf-8") as handle:
+        request = json.load(handle)
+    print(json.dumps(measure(request)))
 
 
 if __name__ == "__main__":

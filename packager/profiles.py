@@ -5,13 +5,14 @@ from __future__ import annotations
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from edge_runtime.settings import describe_validation_error
 
 from .errors import ProfileError
+from .formats import formats, get_format
 
 
 class StrictConfig(BaseModel):
@@ -28,78 +29,12 @@ class Accelerator(str, Enum):
     CUDA = "cuda"
 
 
-class OnnxTargetConfig(StrictConfig):
-    providers: list[str] = Field(
-        min_length=1, description="ONNX Runtime execution providers, most preferred first"
-    )
-    threads: int = Field(ge=0, description="intra-op threads; 0 lets ONNX Runtime decide")
-    cpu_mem_arena: bool = Field(
-        description="keep ONNX Runtime's CPU memory arena; off on edge devices to save RAM"
-    )
-    allow_spinning: bool = Field(
-        False,
-        description="let ONNX Runtime's idle worker threads spin-wait for the next run: a "
-        "little lower latency back to back, but cores stay busy between requests, which "
-        "costs power and heat on battery or passively cooled devices",
-    )
-    graph_optimization: Literal["disabled", "basic", "extended"] = Field(
-        "basic",
-        description="offline ONNX Runtime graph optimization level; 'basic' keeps standard "
-        "ONNX ops so the model stays portable to every execution provider",
-    )
-    recipes: list[str] = Field(
-        min_length=1, description="quantization recipes to try, most compressed first"
-    )
-
-
-class GgufTargetConfig(StrictConfig):
-    quant_types: list[str] = Field(
-        min_length=1,
-        description="llama.cpp quantization types to try, most compressed first, e.g. "
-        "[Q4_K_M, Q5_K_M, Q8_0]; the perplexity gate falls back along this chain",
-    )
-    threads: int = Field(0, ge=0, description="llama.cpp threads; 0 = one per core")
-
-    @field_validator("quant_types")
-    @classmethod
-    def _known_types(cls, names: list[str]) -> list[str]:
-        from .passes.gguf import check_quant_type  # lazy: the passes import this module
-
-        return [check_quant_type(name) for name in names]
-
-    gpu_layers: int = Field(0, ge=-1, description="layers to offload to the GPU (-1 = all)")
-    context_length: int = Field(2048, gt=0, description="context length the device will use")
-
-
-class TfliteTargetConfig(StrictConfig):
-    threads: int = Field(0, ge=0, description="interpreter threads; 0 lets LiteRT decide")
-    xnnpack: bool = Field(
-        True,
-        description="apply the XNNPACK CPU delegate (LiteRT's fast float and int8 kernels); "
-        "turn off only to work around a delegate bug",
-    )
-    recipes: list[str] = Field(
-        default_factory=lambda: ["int8-static", "int8-dynamic", "fp16", "as-is"],
-        min_length=1,
-        description="TFLite quantization recipes to try, most compressed first",
-    )
-
-    @field_validator("recipes")
-    @classmethod
-    def _known_recipes(cls, names: list[str]) -> list[str]:
-        from .recipes import get_recipe  # lazy: recipes imports the passes, which import this
-
-        for name in names:
-            get_recipe(name, "tflite")
-        return names
-
-
 class PythonTargetConfig(StrictConfig):
     platform_tag: str = Field(description="wheel platform tag, e.g. manylinux_2_28_aarch64")
     python_version: str = Field(description="CPython version on the device, e.g. 3.11")
 
 
-class DeviceProfile(StrictConfig):
+class _DeviceFacts(StrictConfig):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="profile name (kebab-case)")
     description: str = Field(description="the device in words")
     arch: Arch = Field(description="CPU architecture")
@@ -108,11 +43,30 @@ class DeviceProfile(StrictConfig):
     ram_mb: int = Field(gt=0, description="total RAM")
     model_memory_budget_mb: int = Field(gt=0, description="RAM the model may use at run time")
     accelerator: Accelerator = Field(description="inference accelerator, or none")
-    onnx: OnnxTargetConfig
-    gguf: GgufTargetConfig
-    # Optional, so profiles written before TFLite support still load.
-    tflite: TfliteTargetConfig = Field(default_factory=TfliteTargetConfig)
-    python: PythonTargetConfig
+
+
+def _format_sections() -> dict[str, Any]:
+    """One section per model format, declared by the format (``packager.formats``)."""
+    sections: dict[str, Any] = {}
+    for name, pipeline in formats().items():
+        section = pipeline.profile_section
+        default = Field(default_factory=section) if section.optional else ...
+        sections[name] = (section, default)
+    return sections
+
+
+# The device facts, a section per model format (onnx, gguf, tflite, ...), then python.
+DeviceProfile = create_model(
+    "DeviceProfile",
+    __base__=_DeviceFacts,
+    __module__=__name__,
+    **_format_sections(),
+    python=(PythonTargetConfig, ...),
+)
+DeviceProfile.__doc__ = "One device: its facts, a section per model format, its Python."
+OnnxTargetConfig = get_format("onnx").profile_section
+GgufTargetConfig = get_format("gguf").profile_section
+TfliteTargetConfig = get_format("tflite").profile_section
 
 
 def _shipped_dir():

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from . import Backend, BackendOptions
+from . import BackendOptions, TensorBackend
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,36 @@ def choose_providers(wanted: list[str], available: list[str]) -> list[str]:
     return chosen
 
 
-class OnnxBackend(Backend):
-    name = "onnx"
+class OnnxSession:
+    """One ONNX Runtime session with the options a bundle asks for.
 
-    def __init__(self) -> None:
-        self._session = None
-        self._output_names: list[str] = []
+    The device backend, the packager's evaluate step and its measuring worker all load
+    models through this class, so the host runs a model the way the device will.
+    """
 
-    def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        threads: int = 0,
+        providers: list[str] | None = None,
+        cpu_mem_arena: bool = True,
+        allow_spinning: bool = True,
+        display_path: str | None = None,
+    ) -> None:
+        """Load ``model_path``; the defaults are ONNX Runtime's own.
+
+        Args:
+            model_path: the .onnx file.
+            threads: intra-op threads; 0 lets ONNX Runtime decide.
+            providers: execution providers, most preferred first; missing ones are
+                skipped with a warning and CPU is always last.
+            cpu_mem_arena: keep ONNX Runtime's CPU memory arena.
+            allow_spinning: let idle worker threads spin-wait for the next run.
+            display_path: how errors name the model (default: its file name).
+
+        Raises:
+            BackendError: ONNX Runtime is not installed, or it refuses the model.
+        """
         try:
             import onnxruntime as ort
         except ImportError:
@@ -47,38 +69,58 @@ class OnnxBackend(Backend):
                 "this bundle needs ONNX Runtime: pip install 'edgepack[onnx]' "
                 "(or 'edgepack[onnx-gpu]' on a CUDA device)"
             ) from None
-        spec = manifest.backend
-        session_options = ort.SessionOptions()
-        session_options.enable_cpu_mem_arena = spec.enable_cpu_mem_arena
-        if not spec.allow_spinning:
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = cpu_mem_arena
+        if not allow_spinning:
             # Idle workers sleep instead of spinning: an agent serving a few requests a
             # second would otherwise keep every core busy.
-            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        threads = options.threads if options.threads is not None else spec.intra_op_threads
-        session_options.intra_op_num_threads = threads
-        wanted = options.providers or spec.providers or ["CPUExecutionProvider"]
-        providers = choose_providers(wanted, ort.get_available_providers())
-        model_path = model_dir / manifest.model.path
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = threads
+        wanted = providers or ["CPUExecutionProvider"]
+        chosen = choose_providers(wanted, ort.get_available_providers())
         try:
-            self._session = ort.InferenceSession(
-                str(model_path), sess_options=session_options, providers=providers
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=chosen
             )
         except Exception as exc:  # ORT raises its own untyped errors; keep the message
-            raise BackendError(f"ONNX Runtime could not load {manifest.model.path}: {exc}") from exc
-        self._output_names = [output.name for output in self._session.get_outputs()]
+            shown = display_path or model_path.name
+            raise BackendError(f"ONNX Runtime could not load {shown}: {exc}") from exc
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, values, strict=True))
+
+
+class OnnxBackend(TensorBackend):
+    name = "onnx"
+
+    def __init__(self) -> None:
+        self._session: OnnxSession | None = None
+
+    def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:
+        spec = manifest.backend
+        threads = options.threads if options.threads is not None else spec.intra_op_threads
+        self._session = OnnxSession(
+            model_dir / manifest.model.path,
+            threads=threads,
+            providers=options.providers or spec.providers or ["CPUExecutionProvider"],
+            cpu_mem_arena=spec.enable_cpu_mem_arena,
+            allow_spinning=spec.allow_spinning,
+            display_path=manifest.model.path,
+        )
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise BackendError("the ONNX backend is closed or was never loaded")
-        values = self._session.run(self._output_names, inputs)
-        return dict(zip(self._output_names, values, strict=True))
+        return self._session.run(inputs)
 
     def close(self) -> None:
         self._session = None
 
     @property
     def engine(self):
-        return self._session
+        return self._session.session if self._session else None
 
     def info(self) -> dict[str, Any]:
-        return {"providers": self._session.get_providers() if self._session else []}
+        return {"providers": self._session.session.get_providers() if self._session else []}

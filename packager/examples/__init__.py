@@ -86,7 +86,7 @@ def source_fingerprint() -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")) + [
         Path(__file__).with_name("sentences.txt"),
-        Path(__file__).with_name("llm_eval.txt"),
+        Path(__file__).parent.parent / "llm_eval.txt",
     ]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import save_npz_deterministic
 from . import ExampleModel
-from .data_io import save_npz_deterministic
 from .digits_net import build_digits_cnn
 
 SEED = 0

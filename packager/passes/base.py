@@ -1,9 +1,10 @@
 """The Pass contract: one registered class per packager step, with a declared config.
 
-The base ``run`` owns the bookkeeping (output folder, timing, hashing, the record); a
-subclass implements only ``_run``, the transformation itself. What a pass supports is
-declared as data (``input_formats``, ``supported_providers``), so an impossible
-profile/pass pair is refused before anything runs.
+The base ``run`` owns the bookkeeping (output folder, timing, the record); a subclass
+implements only ``_run``, the transformation itself. What a pass supports is declared as
+data (``input_formats``, ``supported_providers``), so an impossible profile/pass pair is
+refused before anything runs. Records are hashed only when the manifest keeps them
+(``PassRecord.step``), so no file is hashed for nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge_runtime.bundle import sha256_file
+from edge_runtime.manifest import StepRecord
 
 from ..errors import IncompatiblePassError, PackagerError
 from ..profiles import DeviceProfile
@@ -54,16 +56,23 @@ class ModelArtifact:
 
 @dataclass
 class PassContext:
-    """Shared state of one build: the work folder, profile, data and progress hook."""
+    """Shared state of one build: the work folder, profile, data and progress hook.
+
+    ``source`` is the model the build started from, which the gates compare against.
+    The last fields are caches: figures of the source model, computed once per build.
+    """
 
     workdir: Path
     profile: DeviceProfile
+    source: Path | None = None
     calibration: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     labels: Any = None
     task: str = "generic"
+    eval_windows: list[list[int]] | None = None  # GGUF: token windows of the eval text
     progress: Callable[[str], None] = lambda message: None
-    cache: dict[str, Any] = field(default_factory=dict)
+    reference_outputs: dict[str, Any] | None = None  # tensor models: the source's outputs
+    source_score: Any = None  # GGUF: the source's per-token scores
     _counter: int = 0
 
     def new_step_dir(self, name: str) -> Path:
@@ -75,10 +84,24 @@ class PassContext:
 
 @dataclass(frozen=True)
 class PassRecord:
+    """What one pass run did: its name, config, time, and the new file it wrote (if any)."""
+
     name: str
     config: dict[str, Any]
     seconds: float
-    output_sha256: str | None
+    output: Path | None
+
+    def step(self, digests: dict[Path, str], timed: bool = True) -> StepRecord:
+        """The manifest's record of this pass; ``digests`` caches hashes by path, so a
+        file is hashed once (the bundle's file list reuses it). Untimed builds record 0 s,
+        so they stay byte-identical."""
+        digest = None
+        if self.output is not None:
+            if self.output not in digests:
+                digests[self.output] = sha256_file(self.output)
+            digest = digests[self.output]
+        seconds = round(self.seconds, 3) if timed else 0.0
+        return StepRecord(name=self.name, config=self.config, seconds=seconds, output_sha256=digest)
 
 
 @dataclass(frozen=True)
@@ -128,11 +151,14 @@ class Pass(ABC):
                     "pick another --recipe or add a provider to the profile"
                 )
 
-    def run(self, model: ModelArtifact, ctx: PassContext) -> tuple[PassOutput, PassRecord]:
+    def run(
+        self, model: ModelArtifact, ctx: PassContext, **inputs: Any
+    ) -> tuple[PassOutput, PassRecord]:
+        """Run the pass on ``model``; ``inputs`` are what this pass takes beyond the model."""
         out_dir = ctx.new_step_dir(self.name)
         started = time.perf_counter()
         try:
-            output = self._run(model, out_dir, ctx)
+            output = self._run(model, out_dir, ctx, **inputs)
         except PackagerError:
             raise
         except PROGRAMMING_ERRORS:
@@ -140,10 +166,9 @@ class Pass(ABC):
         except Exception as exc:  # the engine's own failure on this model
             raise PassFailedError(f"{self.name} failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
-        digest = None
-        if output.artifact.path != model.path and output.artifact.path.is_file():
-            digest = sha256_file(output.artifact.path)
-        record = PassRecord(self.name, self.config.model_dump(mode="json"), seconds, digest)
+        written = output.artifact.path
+        new_file = written if written != model.path and written.is_file() else None
+        record = PassRecord(self.name, self.config.model_dump(mode="json"), seconds, new_file)
         return output, record
 
     @abstractmethod

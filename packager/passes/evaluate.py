@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,17 @@ from pydantic import Field
 from edge_runtime.selftest import cosine_rows
 
 from ..data import sample, sample_count
+from ..formats import detect_format
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
-
-REFERENCE_KEY = "reference_outputs"
-SOURCE_KEY = "source_model"
 
 
 def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run every sample one at a time on the host CPU; stack the outputs."""
-    run = _tflite_runner(model_path) if model_path.suffix == ".tflite" else _onnx_runner(model_path)
+    """Run every sample one at a time on the host CPU; stack the outputs.
+
+    The model's format (from its suffix) opens it, through the session class its device
+    backend uses (``OnnxSession``, ``TfliteSession``).
+    """
+    run = detect_format(model_path).host_session(model_path).run
     collected: dict[str, list[np.ndarray]] = {}
     for index in range(sample_count(data)):
         for name, value in run(sample(data, index)).items():
@@ -27,27 +28,11 @@ def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.n
     return {name: np.concatenate(values) for name, values in collected.items()}
 
 
-def _onnx_runner(model_path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
-
-
-def _tflite_runner(model_path: Path):
-    from .tflite import open_session
-
-    return open_session(model_path).run
-
-
 def reference_outputs(ctx: PassContext) -> dict[str, np.ndarray]:
     """fp32 outputs of the source model on the eval data, computed once per build."""
-    if REFERENCE_KEY not in ctx.cache:
-        ctx.cache[REFERENCE_KEY] = run_samples(ctx.cache[SOURCE_KEY], ctx.evaluation)
-    return ctx.cache[REFERENCE_KEY]
+    if ctx.reference_outputs is None:
+        ctx.reference_outputs = run_samples(ctx.source, ctx.evaluation)
+    return ctx.reference_outputs
 
 
 def compare(

@@ -1,9 +1,8 @@
-"""GGUF passes: validate the source, quantize with llama.cpp, evaluate perplexity, measure."""
+"""GGUF passes: validate the source, quantize with llama.cpp, evaluate perplexity."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import warnings
@@ -12,40 +11,13 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from edge_runtime.backends.llamacpp import import_llama_cpp
-from edge_runtime.errors import ModelFileError
-from edge_runtime.gguf import GGUF_FILE_TYPES, read_gguf
 
 from ..errors import ModelValidationError
+from ..formats.gguf import QUANT_TYPES, check_quant_type, read_source
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassFailedError, PassOutput
-from .measure import run_worker
 
 # Source precisions the packager quantizes from without --allow-requantize.
 HIGH_PRECISION = {"F32", "F16", "BF16"}
-# llama.cpp quantization types by name (Q4_K_M, Q8_0, F16, ...) -> llama_ftype value
-QUANT_TYPES = {
-    name.removeprefix("MOSTLY_").removeprefix("ALL_"): value
-    for value, name in GGUF_FILE_TYPES.items()
-    if "GUESSED" not in name
-}
-INFO_KEY = "gguf_info"
-TOKENS_KEY = "gguf_eval_windows"
-SOURCE_SCORE_KEY = "gguf_source_score"
-
-
-def check_quant_type(name: str) -> str:
-    if name not in QUANT_TYPES:
-        raise ValueError(
-            f"unknown llama.cpp quantization type {name!r}; known: {', '.join(sorted(QUANT_TYPES))}"
-        )
-    return name
-
-
-def read_source(path: Path):
-    """The GGUF header, with llama.cpp-independent checks; ModelValidationError if bad."""
-    try:
-        return read_gguf(path)
-    except ModelFileError as exc:
-        raise ModelValidationError(str(exc)) from None
 
 
 class GgufValidateConfig(PassConfig):
@@ -83,7 +55,6 @@ class GgufValidate(Pass):
             )
             warnings.warn(message, stacklevel=2)
             ctx.progress(f"warning: {message}")
-        ctx.cache[INFO_KEY] = info
         return PassOutput(
             ModelArtifact(model.path, "gguf", source_type), {"source_type": source_type}
         )
@@ -150,7 +121,6 @@ class GgufEvaluateConfig(PassConfig):
     max_ppl_increase: float = Field(
         0.10, ge=0, description="gate: largest allowed perplexity increase over the source"
     )
-    window: int = Field(512, ge=64, description="tokens per perplexity window")
 
 
 class GgufEvaluate(Pass):
@@ -163,41 +133,13 @@ class GgufEvaluate(Pass):
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         from ..llm_eval import compare_scores, score_model
 
-        chunks = ctx.cache[TOKENS_KEY]
-        if SOURCE_SCORE_KEY not in ctx.cache:
+        chunks = ctx.eval_windows
+        if ctx.source_score is None:
             ctx.progress(f"scoring the source on {len(chunks)} windows of {len(chunks[0])}")
-            ctx.cache[SOURCE_SCORE_KEY] = score_model(
-                ctx.cache["source_model"], chunks, keep_log_probs=True
-            )
-        source = ctx.cache[SOURCE_SCORE_KEY]
+            ctx.source_score = score_model(ctx.source, chunks, keep_log_probs=True)
+        source = ctx.source_score
         candidate = score_model(model.path, chunks, reference=source)
         metrics = compare_scores(candidate, source)
         metrics["degradation"] = metrics["ppl_increase"]
         metrics["passed"] = metrics["ppl_increase"] <= self.config.max_ppl_increase
         return PassOutput(model, metrics)
-
-
-class GgufMeasureConfig(PassConfig):
-    pp_tokens: int = Field(512, ge=16, description="prompt tokens per pp run (llama-bench pp512)")
-    tg_tokens: int = Field(128, ge=8, description="generated tokens per tg run (tg128)")
-    repetitions: int = Field(3, ge=1, description="runs of each; the mean is reported")
-
-
-class GgufMeasure(Pass):
-    """llama-bench style pp/tg tokens per second and peak memory, in a fresh process."""
-
-    name = "GgufMeasure"
-    Config = GgufMeasureConfig
-    input_formats = frozenset({"gguf"})
-
-    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
-        host_cores = os.cpu_count() or 1
-        threads = min(ctx.profile.gguf.threads or ctx.profile.cores, host_cores)
-        request = {
-            "model": str(model.path),
-            "threads": threads,
-            "pp_tokens": self.config.pp_tokens,
-            "tg_tokens": self.config.tg_tokens,
-            "repetitions": self.config.repetitions,
-        }
-        return PassOutput(model, run_worker("packager.llm_bench_worker", json.dumps(request)))

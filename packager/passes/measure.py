@@ -1,4 +1,10 @@
-"""Measure: latency percentiles, peak memory and load time on this host."""
+"""Measure and GgufMeasure: host figures of the chosen model, from one measuring worker.
+
+Both write a request and run ``packager.measure_worker`` in a fresh process; the model's
+format names the function that loads it there (``FormatPipeline.measure.worker_loader``).
+The worker reports load time and peak memory the same way for every format (see
+``packager.measure_worker`` and docs/profiles.md); the pass adds the host's description.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,40 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
-from ..data import sample
-from ..examples.data_io import save_npz_deterministic
+from ..data import sample, save_npz_deterministic
+from ..formats import get_format
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassFailedError, PassOutput
+
+
+def host_threads(threads: int) -> int:
+    """The device's thread count, capped at this host's cores (0: every core)."""
+    host_cores = os.cpu_count() or 1
+    return min(threads or host_cores, host_cores)
+
+
+def run_worker(out_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """Run the measuring worker on ``request``; its figures plus this host's description.
+
+    A fresh process keeps peak-memory figures free of the packager's own allocations.
+    """
+    request_path = out_dir / "request.json"
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "packager.measure_worker", str(request_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise PassFailedError(f"measuring failed: {done.stderr.strip()[-2000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    host = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count() or 1} cores"
+    figures["host"] = " ".join(host.split())
+    return figures
 
 
 class MeasureConfig(PassConfig):
@@ -22,47 +56,49 @@ class MeasureConfig(PassConfig):
 
 
 class Measure(Pass):
-    """Times the model at batch 1 on the first eval sample, in a fresh process."""
+    """Times a tensor model at batch 1 on the first eval sample, in a fresh process."""
 
     name = "Measure"
     Config = MeasureConfig
     input_formats = frozenset({"onnx", "tflite"})
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        pipeline = get_format(model.format)
         inputs = out_dir / "inputs.npz"
         save_npz_deterministic(inputs, sample(ctx.evaluation, 0))
-        host_cores = os.cpu_count() or 1
-        profile = ctx.profile
-        threads = profile.tflite.threads if model.format == "tflite" else profile.onnx.threads
+        spec = pipeline.backend_spec(ctx.profile)  # as the device will run it
         request = {
+            "loader": pipeline.measure.worker_loader,
             "model": str(model.path),
-            "format": model.format,
             "inputs": str(inputs),
-            "threads": min(threads or host_cores, host_cores),
-            "xnnpack": profile.tflite.xnnpack,
-            "cpu_mem_arena": profile.onnx.cpu_mem_arena,
-            "allow_spinning": profile.onnx.allow_spinning,
-            # The host has no GPU provider to speak of; CPU figures are what it can measure.
-            "providers": ["CPUExecutionProvider"],
+            "backend": spec.model_dump(mode="json"),
+            "threads": host_threads(spec.intra_op_threads),
             "runs": self.config.runs,
             "warmup": self.config.warmup,
         }
-        request_path = out_dir / "request.json"
-        request_path.write_text(json.dumps(request), encoding="utf-8")
-        return PassOutput(model, run_worker("packager.measure_worker", str(request_path)))
+        return PassOutput(model, run_worker(out_dir, request))
 
 
-def run_worker(module: str, argument: str) -> dict:
-    """Run a measuring worker in a fresh process; its figures plus this host's description.
+class GgufMeasureConfig(PassConfig):
+    pp_tokens: int = Field(512, ge=16, description="prompt tokens per pp run (llama-bench pp512)")
+    tg_tokens: int = Field(128, ge=8, description="generated tokens per tg run (tg128)")
+    repetitions: int = Field(3, ge=1, description="runs of each; the mean is reported")
 
-    A fresh process keeps peak-memory figures free of the packager's own allocations.
-    """
-    done = subprocess.run(
-        [sys.executable, "-m", module, argument], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise PassFailedError(f"measuring failed: {done.stderr.strip()[-2000:]}")
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    host = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count() or 1} cores"
-    figures["host"] = " ".join(host.split())
-    return figures
+
+class GgufMeasure(Pass):
+    """llama-bench style pp/tg tokens per second and peak memory, in a fresh process."""
+
+    name = "GgufMeasure"
+    Config = GgufMeasureConfig
+    input_formats = frozenset({"gguf"})
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        request = {
+            "loader": get_format(model.format).measure.worker_loader,
+            "model": str(model.path),
+            "threads": host_threads(ctx.profile.gguf.threads or ctx.profile.cores),
+            "pp_tokens": self.config.pp_tokens,
+            "tg_tokens": self.config.tg_tokens,
+            "repetitions": self.config.repetitions,
+        }
+        return PassOutput(model, run_worker(out_dir, request))

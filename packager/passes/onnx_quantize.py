@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -159,7 +162,12 @@ class OnnxToFloat16(Pass):
         kwargs = {"keep_io_types": self.config.keep_io_types}
         if self.config.op_block_list is not None:
             kwargs["op_block_list"] = self.config.op_block_list
-        converted = float16.convert_float_to_float16(proto, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            converted = float16.convert_float_to_float16(proto, **kwargs)
+        summary = clamped_summary(proto, caught)
+        if summary:
+            ctx.progress(summary)
         # onnxconverter-common retypes tensors but leaves Cast(to=float) nodes alone, which
         # then contradict their now-float16 outputs; point those casts at float16.
         types = {
@@ -179,3 +187,43 @@ class OnnxToFloat16(Pass):
         output = out_dir / "model.onnx"
         onnx.save(converted, str(output))
         return PassOutput(ModelArtifact(output, "onnx", "fp16"))
+
+
+# onnxconverter-common warns once per tensor end it clamps into float16's range.
+_TRUNCATED = re.compile(r"the float32 number (\S+) will be truncated to (\S+)")
+
+
+def clamped_summary(proto, caught: list[warnings.WarningMessage]) -> str | None:
+    """One line for onnxconverter-common's per-tensor "will be truncated" warnings: how many
+    weights were clamped into float16's range, and the worst one. Other warnings are
+    passed on unchanged.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    pairs = []
+    for warning in caught:
+        match = _TRUNCATED.search(str(warning.message))
+        if match is None:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+            continue
+        pairs.append((float(match[1]), float(match[2])))
+    if not pairs:
+        return None
+    # The bounds the converter clamped to: the smallest positive and largest finite value.
+    tiny = min((abs(target) for _, target in pairs if abs(target) < 1), default=0.0)
+    huge = max((abs(target) for _, target in pairs if abs(target) >= 1), default=math.inf)
+    count = 0
+    for tensor in proto.graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT:
+            continue
+        values = np.abs(numpy_helper.to_array(tensor))
+        count += int(np.count_nonzero((values > 0) & (values < tiny)))
+        count += int(np.count_nonzero(values > huge))
+    value, target = max(pairs, key=lambda pair: abs(math.log10(abs(pair[0]) / abs(pair[1]))))
+    return (
+        f"fp16: {max(count, len(pairs))} float32 weights were clamped into the range "
+        f"float16 holds; the worst: {value:.4g} -> {target:.4g}"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from edge_runtime.manifest import (
     ModelSpec,
     QuantizationRecord,
     SelfTestSpec,
+    StepRecord,
     Target,
     TensorSpec,
     TokenSelfTestSpec,
@@ -32,18 +33,13 @@ from edge_runtime.manifest import (
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
 from ..bundle_writer import write_bundle
-from ..examples.data_io import save_npz_deterministic
+from ..data import save_npz_deterministic
+from ..formats import formats, get_format
 from ..keys import load_private_key
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 from .evaluate import reference_outputs
 
-MODEL_MEMBERS = {
-    "onnx": "model/model.onnx",
-    "gguf": "model/model.gguf",
-    "tflite": "model/model.tflite",
-}
 SELFTEST_MEMBER = "selftest/vectors.npz"
-REQUEST_KEY = "package_request"
 _BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
 
 
@@ -71,6 +67,9 @@ class PackageRequest:
     llm: LlmSpec | None = None
     wheelhouse: WheelhouseSpec | None = None
     signature: str | None = None  # TFLite: the signature the inputs and outputs come from
+    steps: list[StepRecord] = field(default_factory=list)  # the passes behind the model
+    # sha256 of files already hashed for the step records, by path (hashed once only)
+    digests: dict[Path, str] = field(default_factory=dict)
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -101,15 +100,17 @@ class PackageConfig(PassConfig):
 
 
 class Package(Pass):
-    """Writes the signed ``.edgepkg`` for the chosen model."""
+    """Writes the signed ``.edgepkg`` for the chosen model, as ``request`` describes it."""
 
     name = "Package"
     Config = PackageConfig
+    input_formats = frozenset(formats())
 
-    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
-        request: PackageRequest = ctx.cache[REQUEST_KEY]
+    def _run(  # type: ignore[override]
+        self, model: ModelArtifact, out_dir: Path, ctx: PassContext, request: PackageRequest
+    ) -> PassOutput:
         signing_key = load_private_key(request.key)
-        model_member = MODEL_MEMBERS[model.format]
+        model_member = get_format(model.format).member
         sources = {model_member: model.path}
         roles = {model_member: FileRole.MODEL}
         selftest = request.selftest
@@ -118,7 +119,10 @@ class Package(Pass):
             roles[SELFTEST_MEMBER] = FileRole.SELFTEST
         files = [
             FileEntry(
-                path=name, sha256=sha256_file(path), size=path.stat().st_size, role=roles[name]
+                path=name,
+                sha256=request.digests.get(path) or sha256_file(path),
+                size=path.stat().st_size,
+                role=roles[name],
             )
             for name, path in sorted(sources.items())
         ]
@@ -168,6 +172,7 @@ class Package(Pass):
             tools=request.tools,
             llm=request.llm,
             wheelhouse=request.wheelhouse,
+            steps=request.steps,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,7 @@ from edge_runtime.tflite_file import check_tflite
 
 from ..data import sample, sample_count
 from ..errors import ModelValidationError
+from ..formats.tflite import host_session
 from .base import (
     ModelArtifact,
     Pass,
@@ -37,13 +37,6 @@ MODE_PRECISION = {"int8-static": "int8", "int8-dynamic": "int8", "fp16": "fp16"}
 QUANTIZER_HINT = "pip install 'edgepack[packager]' (it brings ai-edge-quantizer)"
 
 
-def open_session(path: Path, threads: int | None = None, xnnpack: bool = True):
-    """A ``TfliteSession`` on this host (all cores unless ``threads`` is given)."""
-    from edge_runtime.backends.tflite import TfliteSession
-
-    return TfliteSession(path, threads or os.cpu_count() or 1, xnnpack)
-
-
 class TfliteValidateConfig(PassConfig):
     pass
 
@@ -57,7 +50,7 @@ class TfliteValidate(Pass):
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         try:
-            session = open_session(model.path, 1)
+            session = host_session(model.path, 1)
         except (ModelFileError, BackendError) as exc:
             raise ModelValidationError(str(exc)) from None
         facts = session.facts

@@ -1,4 +1,4 @@
-"""Tests for packager/build_gguf.py on the real SmolLM2-135M-Instruct model.
+"""GGUF builds (packager/formats/gguf.py, run by packager/pipeline.py) on the real SmolLM2.
 
 The two shipped-profile bundles are the session fixtures; the few extra builds use a
 short evaluation text and 128-token windows. Every refusal of a bad source starts from
@@ -19,10 +19,11 @@ from click.testing import CliRunner
 
 from edge_runtime.bundle import verify_bundle
 from packager.build import BuildConfig, build_bundle
-from packager.build_gguf import DEFAULT_EVAL_TEXT, SELFTEST_PROMPT, SELFTEST_TIE_MARGIN
 from packager.cli import cli
 from packager.errors import DataError, GateError, ModelValidationError, PackagerError
 from packager.examples.smollm2 import shipped_gguf
+from packager.formats.gguf import SELFTEST_PROMPT, SELFTEST_TIE_MARGIN
+from packager.llm_eval import DEFAULT_EVAL_TEXT
 from packager.profiles import load_profile
 
 SHORT_EVAL_CHARS = 4000
@@ -112,6 +113,11 @@ def test_manifest_records_the_language_model_facts(
     assert (llm.tokenizer.vocab_size, llm.tokenizer.eos_token_id) == (49152, 2)
     assert manifest.inputs == [] and manifest.outputs == []
     assert manifest.target.profile == profile_name
+    steps = manifest.steps
+    assert [step.name for step in steps] == ["GgufValidate", "GgufQuantize"]
+    assert steps[0].output_sha256 is None  # validation writes no model
+    assert steps[1].config == {"quant_type": quant_type, "threads": 0, "allow_requantize": False}
+    assert steps[1].output_sha256 == manifest.file(manifest.model.path).sha256
 
 
 @pytest.mark.slow

@@ -19,9 +19,8 @@ from packager.build import BuildConfig, build_bundle
 from packager.cli import cli
 from packager.errors import DataError, GateError, ModelValidationError, PackagerError
 from packager.profiles import load_profile
-from tests.packager.test_cli import edgepack
-
 from tests.numerics import assert_close_across_kernels
+from tests.packager.test_cli import edgepack
 
 BUNDLES = [
     pytest.param("raspberry-pi-4", "tflite_pi4_bundle", id="raspberry-pi-4"),
@@ -91,6 +90,13 @@ def test_bundle_verifies_selftests_and_matches_the_source(
     assert manifest.model.precision == "int8"
     assert [a.recipe for a in manifest.quantization.attempts] == ["int8-static"]
     assert manifest.tools["ai-edge-quantizer"] != "not installed"
+    steps = manifest.steps
+    assert [(step.name, step.config) for step in steps] == [
+        ("TfliteValidate", {}),
+        ("TfliteQuantize", {"mode": "int8-static"}),
+    ]
+    assert steps[0].output_sha256 is None
+    assert steps[1].output_sha256 == manifest.file("model/model.tflite").sha256
 
     images, labels = _eval(digits_tflite_example)
     with Runtime.open(bundle, keypair[1]) as runtime:

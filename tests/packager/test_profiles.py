@@ -81,6 +81,15 @@ def test_profile_file_is_loaded(tmp_path):
         (lambda d: d["gguf"].update(quant_types=["Q4_KM"]), "unknown llama.cpp quantization type"),
         (lambda d: d["gguf"].update(quant_types=[]), "gguf.quant_types"),
         (lambda d: d["gguf"].update(quant_type="Q4_K_M"), "gguf.quant_type: unknown key"),
+        (
+            lambda d: d["onnx"].update(recipes=["fp16", "int4"]),
+            "onnx.recipes: Value error, unknown onnx recipe 'int4'; known: "
+            "int8-static-qdq-per-channel",
+        ),
+        (
+            lambda d: d["tflite"].update(recipes=["int4"]),
+            "tflite.recipes: Value error, unknown tflite recipe 'int4'; known: int8-static",
+        ),
     ],
 )
 def test_invalid_profile_names_the_key_and_the_file(tmp_path, mutate, expected):

@@ -1,0 +1,116 @@
+"""ONNX models: optimized and quantized with ONNX Runtime's tools, run by ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from edge_runtime.backends.onnx import OnnxSession
+from edge_runtime.manifest import OnnxBackendSpec
+
+from .base import ProfileSection, Recipe, Step, check_names, recipes_by_name
+from .tensors import tensor_bench, tensor_format
+
+RECIPES = recipes_by_name(
+    Recipe(
+        "int8-static-qdq-per-channel",
+        "int8 weights and activations, QDQ, per-channel weight scales, calibrated ranges",
+        (Step("OnnxStaticQuantize", {"per_channel": True}),),
+        needs_calibration=True,
+    ),
+    Recipe(
+        "int8-dynamic-per-channel",
+        "int8 per-channel weights; activations quantized at run time",
+        (Step("OnnxDynamicQuantize", {"per_channel": True}),),
+    ),
+    Recipe(
+        "fp16",
+        "float16 weights and compute, float32 inputs and outputs",
+        (Step("OnnxToFloat16", {"keep_io_types": True}),),
+    ),
+    Recipe("fp32", "the optimized float32 graph, unquantized"),
+)
+
+
+class OnnxTargetConfig(ProfileSection):
+    providers: list[str] = Field(
+        min_length=1, description="ONNX Runtime execution providers, most preferred first"
+    )
+    threads: int = Field(ge=0, description="intra-op threads; 0 lets ONNX Runtime decide")
+    cpu_mem_arena: bool = Field(
+        description="keep ONNX Runtime's CPU memory arena; off on edge devices to save RAM"
+    )
+    allow_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's idle worker threads spin-wait for the next run: a "
+        "little lower latency back to back, but cores stay busy between requests, which "
+        "costs power and heat on battery or passively cooled devices",
+    )
+    graph_optimization: Literal["disabled", "basic", "extended"] = Field(
+        "basic",
+        description="offline ONNX Runtime graph optimization level; 'basic' keeps standard "
+        "ONNX ops so the model stays portable to every execution provider",
+    )
+    recipes: list[str] = Field(
+        min_length=1, description="quantization recipes to try, most compressed first"
+    )
+
+    @field_validator("recipes")
+    @classmethod
+    def _known_recipes(cls, names: list[str]) -> list[str]:
+        return check_names(names, RECIPES, "onnx recipe")
+
+
+def backend_spec(profile) -> OnnxBackendSpec:
+    return OnnxBackendSpec(
+        providers=profile.onnx.providers,
+        intra_op_threads=profile.onnx.threads,
+        enable_cpu_mem_arena=profile.onnx.cpu_mem_arena,
+        allow_spinning=profile.onnx.allow_spinning,
+    )
+
+
+def host_session(path: Path) -> OnnxSession:
+    """The model on this host's CPU, every core, for the evaluate pass."""
+    return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
+
+
+def measure_loader(request: dict):
+    """In the measuring worker: load as the device will (the bundle's backend spec)."""
+    spec = OnnxBackendSpec.model_validate(request["backend"])
+    session = OnnxSession(
+        Path(request["model"]),
+        threads=request["threads"],
+        # The host has no GPU provider to speak of; CPU figures are what it can measure.
+        providers=["CPUExecutionProvider"],
+        cpu_mem_arena=spec.enable_cpu_mem_arena,
+        allow_spinning=spec.allow_spinning,
+    )
+    return tensor_bench(session.run, request)
+
+
+PIPELINE = tensor_format(
+    name="onnx",
+    noun="an ONNX",
+    suffixes=(".onnx",),
+    engine="onnx",
+    profile_section=OnnxTargetConfig,
+    recipes=RECIPES,
+    prepare=(
+        Step("OnnxValidate", announce=lambda p: "validate: onnx checker, opset, external data"),
+        Step(
+            "OnnxGraphOptimize",
+            options=lambda settings, profile: {"level": profile.onnx.graph_optimization},
+            announce=lambda profile: (
+                f"optimize: ONNX Runtime graph optimization ({profile.onnx.graph_optimization})"
+            ),
+        ),
+    ),
+    backend_spec=backend_spec,
+    tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
+    host_session=host_session,
+    worker_loader="packager.formats.onnx:measure_loader",
+)

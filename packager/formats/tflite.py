@@ -1,0 +1,101 @@
+"""TFLite (LiteRT) models: quantized with ai-edge-quantizer, run by LiteRT with XNNPACK."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from edge_runtime.backends.tflite import TfliteSession
+from edge_runtime.manifest import TfliteBackendSpec
+
+from .base import ProfileSection, Recipe, Step, check_names, recipes_by_name
+from .tensors import tensor_bench, tensor_format
+
+RECIPES = recipes_by_name(
+    Recipe(
+        "int8-static",
+        "int8 weights and activations, ranges calibrated on --calibration data "
+        "(ai-edge-quantizer); float inputs and outputs",
+        (Step("TfliteQuantize", {"mode": "int8-static"}),),
+        needs_calibration=True,
+    ),
+    Recipe(
+        "int8-dynamic",
+        "int8 per-channel weights, activations quantized at run time (ai-edge-quantizer)",
+        (Step("TfliteQuantize", {"mode": "int8-dynamic"}),),
+    ),
+    Recipe(
+        "fp16",
+        "float16 weights, dequantized to float32 when the model loads (ai-edge-quantizer)",
+        (Step("TfliteQuantize", {"mode": "fp16"}),),
+    ),
+    # Also the end of the chain for a source that is already quantized.
+    Recipe("as-is", "the source model as it is, not quantized by edgepack"),
+)
+
+
+class TfliteTargetConfig(ProfileSection):
+    optional = True  # profiles written before TFLite support still load
+
+    threads: int = Field(0, ge=0, description="interpreter threads; 0 lets LiteRT decide")
+    xnnpack: bool = Field(
+        True,
+        description="apply the XNNPACK CPU delegate (LiteRT's fast float and int8 kernels); "
+        "turn off only to work around a delegate bug",
+    )
+    recipes: list[str] = Field(
+        default_factory=lambda: ["int8-static", "int8-dynamic", "fp16", "as-is"],
+        min_length=1,
+        description="TFLite quantization recipes to try, most compressed first",
+    )
+
+    @field_validator("recipes")
+    @classmethod
+    def _known_recipes(cls, names: list[str]) -> list[str]:
+        return check_names(names, RECIPES, "tflite recipe")
+
+
+def backend_spec(profile) -> TfliteBackendSpec:
+    return TfliteBackendSpec(
+        intra_op_threads=profile.tflite.threads, xnnpack=profile.tflite.xnnpack
+    )
+
+
+def host_session(path: Path, threads: int | None = None) -> TfliteSession:
+    """The model on this host (every core unless ``threads`` is given), XNNPACK on."""
+    return TfliteSession(path, threads or os.cpu_count() or 1, True)
+
+
+def measure_loader(request: dict):
+    """In the measuring worker: load as the device will (the bundle's backend spec)."""
+    spec = TfliteBackendSpec.model_validate(request["backend"])
+    session = TfliteSession(Path(request["model"]), request["threads"], spec.xnnpack)
+    return tensor_bench(session.run, request)
+
+
+def _validated(facts: dict, precision: str) -> str:
+    operators = facts["facts"].operators
+    return f"validate: {facts['interpreter']}, {operators} operators, {precision} weights"
+
+
+PIPELINE = tensor_format(
+    name="tflite",
+    noun="a TFLite",
+    suffixes=(".tflite",),
+    engine="tflite",
+    profile_section=TfliteTargetConfig,
+    recipes=RECIPES,
+    prepare=(
+        Step(
+            "TfliteValidate",
+            announce=lambda p: "validate: flatbuffer structure, interpreter load, signature",
+            report=_validated,
+        ),
+    ),
+    backend_spec=backend_spec,
+    tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
+    host_session=host_session,
+    worker_loader="packager.formats.tflite:measure_loader",
+)

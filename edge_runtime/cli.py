@@ -151,14 +151,6 @@ def selftest(
     raise SystemExit(0 if report.passed else 1)
 
 
-def _backend_line(spec) -> str:
-    if spec.name == "tflite":
-        return f"backend    tflite: {spec.tflite_settings()}"
-    if spec.providers:
-        return f"backend    {spec.name}: {', '.join(spec.providers)}"
-    return f"backend    {spec.name}"
-
-
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--pubkey", type=click.Path(path_type=Path), help=PUBKEY_HELP)
@@ -169,6 +161,7 @@ def info(
 ) -> None:
     """Show what BUNDLE holds, after verifying its signature and hashes."""
     from .bundle import verify_bundle
+    from .summary import summary_json, summary_text
 
     if load:
         with _open(bundle, pubkey, threads, providers) as runtime:
@@ -176,30 +169,10 @@ def info(
         click.echo(json.dumps(facts, indent=2))
         return
     verified = verify_bundle(bundle, pubkey)
-    manifest = verified.manifest
-    lines = [
-        f"bundle     {manifest.name} {manifest.version} ({manifest.bundle_id})",
-        f"signed by  {verified.key_id}",
-        f"target     {manifest.target.profile} ({manifest.target.arch}, "
-        f"accelerator {manifest.target.accelerator})",
-        _backend_line(manifest.backend),
-        f"model      {manifest.model.recipe} ({manifest.model.precision})",
-    ]
-    if manifest.llm is not None:
-        llm = manifest.llm
-        lines += [
-            f"llm        {llm.architecture}, {llm.n_parameters / 1e6:.0f}M parameters, "
-            f"{llm.quant_type} from {llm.source_type}",
-            f"context    {llm.context_length} tokens, {manifest.backend.gpu_layers} GPU layers, "
-            f"{manifest.backend.intra_op_threads or 'all'} threads",
-            f"chat       {'template included' if llm.chat_template else 'no template'}",
-        ]
+    if json_requested():  # the signer and the manifest as signed
+        click.echo(summary_json(verified.manifest_bytes, verified.key_id))
     else:
-        lines += [
-            f"inputs     {manifest.signature_text(manifest.inputs)}",
-            f"outputs    {manifest.signature_text(manifest.outputs)}",
-        ]
-    click.echo("\n".join(lines))
+        click.echo(summary_text(verified.manifest, verified.key_id))
 
 
 @cli.command()

@@ -112,7 +112,7 @@ def build(
         attempts_table(result.manifest.quantization.attempts, result.manifest.quantization.chosen)
     )
     m = result.manifest.measurements
-    if m is not None and hasattr(m, "tg_tokens_per_s"):
+    if m is not None and m.kind == "llm":
         console.print(
             f"host: pp{m.pp_tokens} {m.pp_tokens_per_s:.1f} tokens/s, tg{m.tg_tokens} "
             f"{m.tg_tokens_per_s:.1f} tokens/s ({m.threads} threads), peak memory "
@@ -208,11 +208,14 @@ def llm_attempts_table(attempts, chosen: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest JSON.")
 def inspect(bundle: Path, as_json: bool) -> None:
     """Summarise BUNDLE's manifest (the signature is not checked: use `verify`)."""
-    from .inspect import read_manifest_unverified, summary
+    from edge_runtime.manifest import parse_manifest
 
-    manifest = read_manifest_unverified(bundle)
+    from .inspect import read_manifest_bytes_unverified, summary
+
+    stored = read_manifest_bytes_unverified(bundle)
+    manifest = parse_manifest(stored)  # an unreadable manifest is refused, --json or not
     if as_json:
-        click.echo(manifest.to_bytes().decode(), nl=False)
+        click.echo(stored.decode(), nl=False)  # as signed: a v1 bundle shows its v1 form
     else:
         _console(stderr=False).print(summary(manifest), soft_wrap=True)
 

@@ -10,7 +10,7 @@ from pydantic import Field
 from edge_runtime.selftest import cosine_rows
 
 from ..data import sample, sample_count
-from ..formats import detect_format
+from ..formats import detect_format, formats
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
 
@@ -81,7 +81,8 @@ class Evaluate(Pass):
 
     name = "Evaluate"
     Config = EvaluateConfig
-    input_formats = frozenset({"onnx", "tflite"})
+    # The formats that can open a model on this host (ONNX, TFLite).
+    input_formats = frozenset(n for n, p in formats().items() if p.host_session is not None)
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         reference = reference_outputs(ctx)

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from ..data import sample, save_npz_deterministic
-from ..formats import get_format
+from ..formats import formats, get_format
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassFailedError, PassOutput
 
 
@@ -60,7 +60,10 @@ class Measure(Pass):
 
     name = "Measure"
     Config = MeasureConfig
-    input_formats = frozenset({"onnx", "tflite"})
+    # The formats whose pipeline measures with this pass (the tensor formats).
+    input_formats = frozenset(
+        n for n, p in formats().items() if p.measure.step.pass_name == "Measure"
+    )
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         pipeline = get_format(model.format)

@@ -23,12 +23,12 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".bin"}
 @cache
 def formats() -> dict[str, FormatPipeline]:
     """Every format pipeline by name (``onnx``, ``tflite``, ``gguf``, ...)."""
-    found: dict[str, FormatPipeline] = {}
-    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    found = []
+    for module in pkgutil.iter_modules(__path__):
         pipeline = getattr(importlib.import_module(f"{__name__}.{module.name}"), "PIPELINE", None)
         if isinstance(pipeline, FormatPipeline):
-            found[pipeline.name] = pipeline
-    return found
+            found.append(pipeline)
+    return {p.name: p for p in sorted(found, key=lambda p: (p.rank, p.name))}
 
 
 def get_format(name: str) -> FormatPipeline:

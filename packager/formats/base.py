@@ -146,6 +146,8 @@ class FormatPipeline:
     package_announce: str = "package: manifest, self-test vectors, signature"
     # The build setting that forces one recipe instead of the profile's chain.
     forced_by: str = "recipe"
+    # Where the format comes in listings (e.g. the sections of a profile); then by name.
+    rank: int = 100
 
     @property
     def member(self) -> str:

@@ -278,6 +278,7 @@ def _verdict(name: str, metrics: dict, passed: bool) -> str:
 
 PIPELINE = FormatPipeline(
     name="gguf",
+    rank=1,  # profiles list onnx, gguf, tflite
     noun="a GGUF",
     suffixes=(".gguf",),
     engine="llamacpp",

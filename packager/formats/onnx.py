@@ -94,6 +94,7 @@ def measure_loader(request: dict):
 
 PIPELINE = tensor_format(
     name="onnx",
+    rank=0,  # profiles list onnx, gguf, tflite
     noun="an ONNX",
     suffixes=(".onnx",),
     engine="onnx",

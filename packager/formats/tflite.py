@@ -82,6 +82,7 @@ def _validated(facts: dict, precision: str) -> str:
 
 PIPELINE = tensor_format(
     name="tflite",
+    rank=2,  # profiles list onnx, gguf, tflite
     noun="a TFLite",
     suffixes=(".tflite",),
     engine="tflite",

@@ -6,4 +6,8 @@ source "$(dirname "$0")/_venv.sh"
 ensure_venv dev
 ensure_debian_packages "${DEBIAN_TEST_PACKAGES[@]}"
 cd "$REPO"
+# The shape of the code is checked before the tests: lint, formatting, import contracts.
+"$VENV/bin/ruff" check --quiet .
+"$VENV/bin/ruff" format --check --quiet .
+"$VENV/bin/lint-imports" --no-cache >/dev/null || "$VENV/bin/lint-imports" --no-cache
 exec "$VENV/bin/python" -m pytest "$@"

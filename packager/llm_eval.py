@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edge_runtime.backends.llamacpp import import_llama_cpp, open_llama
 
 from .errors import DataError
+
+if TYPE_CHECKING:  # numpy loads with the first score, not with `edgepack --help`
+    import numpy as np
 
 MIN_WINDOW = 32
 # Shipped with edgepack: original prose on unrelated topics (see docs/llm.md).
@@ -54,10 +56,14 @@ class TextScore:
 
     @property
     def perplexity(self) -> float:
+        import numpy as np
+
         return float(np.exp(self.nll.mean()))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
@@ -110,6 +116,8 @@ def score_model(
     keep_log_probs: bool = False,
 ) -> TextScore:
     """Score ``model_path`` on ``chunks``; with ``reference``, also the KL divergence."""
+    import numpy as np
+
     window = len(chunks[0])
     llm = open_llama(
         model_path,
@@ -146,6 +154,8 @@ def score_model(
 
 def compare_scores(candidate: TextScore, source: TextScore) -> dict[str, float]:
     """The gate's figures for ``candidate`` against ``source`` (6 significant digits)."""
+    import numpy as np
+
     figures = {
         "perplexity": candidate.perplexity,
         "source_perplexity": source.perplexity,

@@ -17,12 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import BackendError
 from ..manifest import Manifest
+
+if TYPE_CHECKING:  # annotations only: importing the registry loads no numpy
+    import numpy as np
 
 # name -> "module:Class"; resolved lazily so importing this package stays cheap.
 BACKENDS: dict[str, str] = {

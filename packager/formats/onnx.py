@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from edge_runtime.backends.onnx import OnnxSession
 from edge_runtime.manifest import OnnxBackendSpec
 
 from .base import ProfileSection, Recipe, Step, check_names, recipes_by_name
 from .tensors import tensor_bench, tensor_format
+
+if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
+    from edge_runtime.backends.onnx import OnnxSession
 
 RECIPES = recipes_by_name(
     Recipe(
@@ -75,11 +77,15 @@ def backend_spec(profile) -> OnnxBackendSpec:
 
 def host_session(path: Path) -> OnnxSession:
     """The model on this host's CPU, every core, for the evaluate pass."""
+    from edge_runtime.backends.onnx import OnnxSession
+
     return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
 
 
 def measure_loader(request: dict):
     """In the measuring worker: load as the device will (the bundle's backend spec)."""
+    from edge_runtime.backends.onnx import OnnxSession
+
     spec = OnnxBackendSpec.model_validate(request["backend"])
     session = OnnxSession(
         Path(request["model"]),

@@ -14,11 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_runtime.manifest import Measurements, MemoryFit
 
-from ..data import check_data, load_npz
 from ..errors import FitError, PackagerError
 from .base import Chosen, DataNeeds, FormatPipeline, Gate, Measure, Step
 
@@ -37,6 +34,8 @@ def _check_data(pipeline: FormatPipeline, settings) -> None:
 
 
 def _load_data(settings, facts: dict[str, Any], ctx) -> None:
+    from ..data import check_data, load_npz  # numpy comes with the data, not the profiles
+
     inputs = facts["inputs"]
     names = [spec.name for spec in inputs]
     ctx.evaluation, ctx.labels = load_npz(settings.eval, names, "eval")
@@ -105,6 +104,8 @@ def _no_extra(chosen: Chosen, facts, settings, profile, progress) -> dict[str, A
 
 def tensor_bench(run: Callable[[dict], Any], request: dict) -> Callable[[], dict]:
     """For the measuring worker: time ``run`` at batch 1 on the request's inputs."""
+    import numpy as np
+
     with np.load(request["inputs"], allow_pickle=False) as data:
         inputs = {key: data[key] for key in data.files}
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
-from edge_runtime.backends.tflite import TfliteSession
 from edge_runtime.manifest import TfliteBackendSpec
 
 from .base import ProfileSection, Recipe, Step, check_names, recipes_by_name
 from .tensors import tensor_bench, tensor_format
+
+if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
+    from edge_runtime.backends.tflite import TfliteSession
 
 RECIPES = recipes_by_name(
     Recipe(
@@ -65,11 +68,15 @@ def backend_spec(profile) -> TfliteBackendSpec:
 
 def host_session(path: Path, threads: int | None = None) -> TfliteSession:
     """The model on this host (every core unless ``threads`` is given), XNNPACK on."""
+    from edge_runtime.backends.tflite import TfliteSession
+
     return TfliteSession(path, threads or os.cpu_count() or 1, True)
 
 
 def measure_loader(request: dict):
     """In the measuring worker: load as the device will (the bundle's backend spec)."""
+    from edge_runtime.backends.tflite import TfliteSession
+
     spec = TfliteBackendSpec.model_validate(request["backend"])
     session = TfliteSession(Path(request["model"]), request["threads"], spec.xnnpack)
     return tensor_bench(session.run, request)

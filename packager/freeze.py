@@ -19,16 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PackagerError
+from .formats import format_for_engine, formats
 from .profiles import DeviceProfile
 
-# Each backend's engine package. pyinstaller-hooks-contrib already knows onnxruntime's
-# native libraries; llama-cpp-python loads its own from llama_cpp/lib at run time.
-BACKEND_ENGINES = {"onnx": "onnxruntime", "llamacpp": "llama_cpp", "tflite": "ai_edge_litert"}
-COLLECT_ALL = {"llama_cpp"}
-# Engine modules imported by name at run time, which PyInstaller's import scan cannot see.
-ENGINE_MODULES = {"tflite": ["ai_edge_litert.interpreter"]}
-# Distributions whose metadata the runtime reads (its version, for `info`).
-ENGINE_METADATA = {"tflite": "ai-edge-litert"}
 # Host-side and test-only packages that must never end up in a device executable.
 EXCLUDED = [
     "packager",
@@ -88,29 +81,26 @@ def _folder_size(path: Path) -> int:
 
 def pyinstaller_args(form: str, backends: list[str], out_dir: Path, work: Path) -> list[str]:
     """The PyInstaller command line for one form, with only ``backends``' engines."""
-    unknown = sorted(set(backends) - set(BACKEND_ENGINES))
-    if unknown:
-        raise PackagerError(
-            f"unknown backend(s) {unknown}; choose from {', '.join(sorted(BACKEND_ENGINES))}"
-        )
+    # What each engine needs kept in (or out) is declared by its format (DeviceRuntime).
+    devices = {backend: format_for_engine(backend).device for backend in backends}
     args = ["--noconfirm", "--clean", "--log-level", "WARN", "--name", "edge-runtime"]
     args += [f"--{form}", "--distpath", str(out_dir / form), "--workpath", str(work / form)]
     args += ["--specpath", str(work)]
-    for backend in backends:
+    for backend, device in devices.items():
         args += ["--hidden-import", f"edge_runtime.backends.{backend}"]
-        if BACKEND_ENGINES[backend] in COLLECT_ALL:
-            args += ["--collect-all", BACKEND_ENGINES[backend]]
-        for module in ENGINE_MODULES.get(backend, []):
+        if device.collect_all:
+            args += ["--collect-all", device.engine_package]
+        for module in device.hidden_imports:
             args += ["--hidden-import", module]
-        if backend in ENGINE_METADATA:
-            args += ["--copy-metadata", ENGINE_METADATA[backend]]
-    for name, engine in BACKEND_ENGINES.items():
-        if name not in backends:
+        for distribution in device.metadata:
+            args += ["--copy-metadata", distribution]
+    for pipeline in formats().values():
+        if pipeline.engine not in devices:
             args += [
                 "--exclude-module",
-                engine,
+                pipeline.device.engine_package,
                 "--exclude-module",
-                f"edge_runtime.backends.{name}",
+                f"edge_runtime.backends.{pipeline.engine}",
             ]
     for module in EXCLUDED:
         args += ["--exclude-module", module]

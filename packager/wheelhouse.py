@@ -22,26 +22,41 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
+from edge_runtime.backends import BACKENDS
 from edge_runtime.bundle import sha256_file
 from edge_runtime.manifest import WheelEntry, WheelhouseSpec
 
 from .errors import PackagerError
+from .formats import format_for_engine
 
 RUNTIME_DIST = "edgepack-runtime"
-# Keep in step with pyproject.toml ([project] dependencies and the extras); a test checks it.
-CORE_REQUIREMENTS = ["numpy>=1.24", "pydantic>=2.6", "click>=8.1", "cryptography>=42"]
-TELEMETRY_REQUIREMENTS = ["paho-mqtt>=2.1", "pyyaml>=6"]
-BACKEND_REQUIREMENTS = {
-    "onnx": ["onnxruntime>=1.17"],
-    "llamacpp": ["llama-cpp-python>=0.3.16,<0.4"],
-    "tflite": ["ai-edge-litert>=2.3,<3"],
-}
-BACKEND_MODULES = {"onnx": "onnx.py", "llamacpp": "llamacpp.py", "tflite": "tflite.py"}
 INSTALL_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install-on-device.sh"
 _MANYLINUX = re.compile(r"^manylinux_(\d+)_(\d+)_(\w+)$")
 _NOT_FOUND = re.compile(r"No matching distribution found for ([A-Za-z0-9_.\-]+)")
+
+
+def declared_requirements(extra: str | None) -> list[str]:
+    """edgepack's requirements as its installed metadata declares them (pyproject.toml):
+    the unconditional ones (``extra`` None) or those of one extra."""
+    declared = []
+    for line in metadata.requires("edgepack") or []:
+        requirement, _, marker = line.partition(";")
+        if (f'extra == "{extra}"' in marker) if extra else not marker.strip():
+            declared.append(requirement.strip())
+    return declared
+
+
+def runtime_requirements(backend: str) -> list[str]:
+    """What a device needs to run ``backend`` and report: the core, telemetry, the engine."""
+    device = format_for_engine(backend).device
+    return [
+        *declared_requirements(None),
+        *declared_requirements("telemetry"),
+        *declared_requirements(device.extra),
+    ]
 
 
 def wheelhouse_dir(bundle: Path) -> Path:
@@ -73,16 +88,18 @@ def build_runtime_wheel(out_dir: Path, backend: str, version: str) -> Path:
     The wheel is built by hand (it is a zip with three metadata files), so it needs no
     build backend on the host and is byte-for-byte reproducible.
     """
-    if backend not in BACKEND_REQUIREMENTS:
-        raise PackagerError(f"no wheelhouse recipe for backend {backend!r}")
+    requires = runtime_requirements(backend)  # refuses an unknown backend
     source = Path(__file__).resolve().parent.parent / "edge_runtime"
-    skip = {f"backends/{module}" for name, module in BACKEND_MODULES.items() if name != backend}
+    skip = {  # the other backends' modules, e.g. backends/tflite.py
+        f"backends/{target.split(':')[0].rsplit('.', 1)[-1]}.py"
+        for other, target in BACKENDS.items()
+        if other != backend
+    }
     files: dict[str, bytes] = {}
     for path in sorted(source.rglob("*.py")):
         relative = path.relative_to(source).as_posix()
         if relative not in skip:
             files[f"edge_runtime/{relative}"] = path.read_bytes()
-    requires = CORE_REQUIREMENTS + TELEMETRY_REQUIREMENTS + BACKEND_REQUIREMENTS[backend]
     dist_info = f"edgepack_runtime-{version}.dist-info"
     files[f"{dist_info}/METADATA"] = (
         "Metadata-Version: 2.1\n"
@@ -178,7 +195,7 @@ def build_wheelhouse(
     folder.mkdir(parents=True)
     progress(f"wheelhouse: edgepack runtime wheel ({backend} backend only)")
     build_runtime_wheel(folder, backend, version)
-    requirements = CORE_REQUIREMENTS + TELEMETRY_REQUIREMENTS + BACKEND_REQUIREMENTS[backend]
+    requirements = runtime_requirements(backend)
     progress(f"wheelhouse: downloading wheels for {platform_tag}, CPython {python_version}")
     _, missing = download_wheels(requirements, platform_tag, python_version, folder)
     if extra_wheels is not None:

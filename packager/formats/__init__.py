@@ -13,7 +13,7 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 
-from ..errors import ModelValidationError
+from ..errors import ModelValidationError, PackagerError
 from .base import FormatPipeline
 
 # Loading these can run arbitrary code, so they are refused whatever they hold.
@@ -33,6 +33,20 @@ def formats() -> dict[str, FormatPipeline]:
 
 def get_format(name: str) -> FormatPipeline:
     return formats()[name]
+
+
+def format_for_engine(engine: str) -> FormatPipeline:
+    """The format that the ``edge_runtime`` backend ``engine`` runs.
+
+    Raises:
+        PackagerError: no format runs on that backend.
+    """
+    by_engine = {pipeline.engine: pipeline for pipeline in formats().values()}
+    if engine not in by_engine:
+        raise PackagerError(
+            f"unknown backend {engine!r}; choose from {', '.join(sorted(by_engine))}"
+        )
+    return by_engine[engine]
 
 
 def detect_format(model: Path) -> FormatPipeline:

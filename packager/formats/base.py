@@ -118,6 +118,21 @@ class Measure:
 
 
 @dataclass(frozen=True)
+class DeviceRuntime:
+    """What a device installs, and a frozen runtime carries, to run the format.
+
+    The requirements themselves are not repeated here: the offline wheelhouse reads them
+    from edgepack's own metadata (pyproject.toml's extra named ``extra``).
+    """
+
+    extra: str  # the pyproject extra: pip install 'edgepack[EXTRA]'
+    engine_package: str  # the engine's import name, kept in or excluded from a freeze
+    hidden_imports: tuple[str, ...] = ()  # engine modules imported by name at run time
+    collect_all: bool = False  # the engine loads native files PyInstaller's scan misses
+    metadata: tuple[str, ...] = ()  # distributions whose metadata the runtime reads
+
+
+@dataclass(frozen=True)
 class FormatPipeline:
     """Everything the engine needs to know about one model format."""
 
@@ -125,6 +140,7 @@ class FormatPipeline:
     noun: str  # "an ONNX", for messages
     suffixes: tuple[str, ...]  # the first one names the bundle member, model/model.SUFFIX
     engine: str  # the edge_runtime backend that runs it
+    device: DeviceRuntime  # what a device installs (and a freeze keeps) for that backend
     profile_section: type[ProfileSection]
     recipes: Mapping[str, Recipe]
     prepare: tuple[Step, ...]

@@ -30,6 +30,7 @@ from ..llm_eval import check_eval_text, read_eval_text, tokenize_text, windows
 from .base import (
     Chosen,
     DataNeeds,
+    DeviceRuntime,
     FormatPipeline,
     Gate,
     Measure,
@@ -282,6 +283,8 @@ PIPELINE = FormatPipeline(
     noun="a GGUF",
     suffixes=(".gguf",),
     engine="llamacpp",
+    # llama-cpp-python loads its native libraries from llama_cpp/lib at run time
+    device=DeviceRuntime(extra="llm", engine_package="llama_cpp", collect_all=True),
     profile_section=GgufTargetConfig,
     recipes=RECIPES,
     prepare=(

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from edge_runtime.manifest import OnnxBackendSpec
 
-from .base import ProfileSection, Recipe, Step, check_names, recipes_by_name
+from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
 from .tensors import tensor_bench, tensor_format
 
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
@@ -104,6 +104,7 @@ PIPELINE = tensor_format(
     noun="an ONNX",
     suffixes=(".onnx",),
     engine="onnx",
+    device=DeviceRuntime(extra="onnx", engine_package="onnxruntime"),
     profile_section=OnnxTargetConfig,
     recipes=RECIPES,
     prepare=(

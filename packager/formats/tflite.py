@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from edge_runtime.manifest import TfliteBackendSpec
 
-from .base import ProfileSection, Recipe, Step, check_names, recipes_by_name
+from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
 from .tensors import tensor_bench, tensor_format
 
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
@@ -93,6 +93,12 @@ PIPELINE = tensor_format(
     noun="a TFLite",
     suffixes=(".tflite",),
     engine="tflite",
+    device=DeviceRuntime(
+        extra="tflite",
+        engine_package="ai_edge_litert",
+        hidden_imports=("ai_edge_litert.interpreter",),
+        metadata=("ai-edge-litert",),  # `info` shows the interpreter's version
+    ),
     profile_section=TfliteTargetConfig,
     recipes=RECIPES,
     prepare=(

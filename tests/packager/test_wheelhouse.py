@@ -16,9 +16,11 @@ import zipfile
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
 
 from edge_runtime.bundle import sha256_file, verify_bundle
 from packager import wheelhouse
+from packager.errors import PackagerError
 from packager.wheelhouse import (
     build_runtime_wheel,
     download_wheels,
@@ -30,15 +32,27 @@ from tests.conftest import REPO, build_example
 INSTALL = REPO / "scripts" / "install-on-device.sh"
 
 
-def test_requirements_match_pyproject():
+def _normalized(requirements: list[str]) -> set[str]:
+    return {str(Requirement(text)) for text in requirements}
+
+
+@pytest.mark.parametrize(
+    "backend, extra", [("onnx", "onnx"), ("llamacpp", "llm"), ("tflite", "tflite")]
+)
+def test_requirements_come_from_pyproject(backend, extra):
+    """The wheelhouse repeats no requirement by hand: it reads edgepack's own metadata."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
 
-    assert project["dependencies"] == wheelhouse.CORE_REQUIREMENTS
-    assert extras["telemetry"] == wheelhouse.TELEMETRY_REQUIREMENTS
-    assert wheelhouse.BACKEND_REQUIREMENTS["onnx"] == extras["onnx"]
-    assert wheelhouse.BACKEND_REQUIREMENTS["llamacpp"] == extras["llm"]
-    assert wheelhouse.BACKEND_REQUIREMENTS["tflite"] == extras["tflite"]
+    wanted = project["dependencies"] + extras["telemetry"] + extras[extra]
+
+    assert _normalized(wheelhouse.runtime_requirements(backend)) == _normalized(wanted)
+    assert len(wheelhouse.runtime_requirements(backend)) == len(wanted)
+
+
+def test_requirements_refuse_an_unknown_backend():
+    with pytest.raises(PackagerError, match="unknown backend 'tensorrt'; choose from"):
+        wheelhouse.runtime_requirements("tensorrt")
 
 
 def test_platform_tags_widen_to_older_glibc():
@@ -63,7 +77,8 @@ def test_runtime_wheel_holds_one_backend_and_a_valid_record(tmp_path, backend, o
     assert f"edge_runtime/backends/{backend}.py" in names
     assert f"edge_runtime/backends/{other}.py" not in names
     assert not any(name.startswith(("packager/", "collector/")) for name in names)
-    assert f"Requires-Dist: {wheelhouse.BACKEND_REQUIREMENTS[backend][0]}" in metadata
+    for requirement in wheelhouse.runtime_requirements(backend):
+        assert f"Requires-Dist: {requirement}\n" in metadata
     for name, digest, size in csv.reader(io.StringIO(record)):
         if digest:
             raw = hashlib.sha256(contents[name]).digest()

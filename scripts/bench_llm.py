@@ -452,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *[f"- Goal: {what} >= {GOAL}: {value:.3f}, {verdict(value)}" for what, value in judged],
         "- Model: SmolLM2-135M-Instruct, F16 source quantized by the packager's GgufQuantize",
+        "- Contenders: the bare calls drive the runtime's own engine object "
+        "(`runtime.backend.engine`), interleaved with Runtime.generate: one llama.cpp model, "
+        "one thread pool. The earlier 0.966 came from a second Llama on the same file, whose "
+        "thread pool took turns with the runtime's on 2 cores",
         f"- Timing: {timing}"
         + (" (--quick: a smoke test, not for comparison)" if args.quick else ""),
     ]

@@ -63,7 +63,8 @@ def cli() -> None:
     "input_path",
     required=True,
     type=click.Path(path_type=Path),
-    help=".npz with one array per model input.",
+    help=".npz with one array per model input; other arrays (e.g. labels) are ignored, "
+    "and a batch-1 model is fed the samples one at a time.",
 )
 @click.option(
     "-o",
@@ -86,6 +87,7 @@ def run(
     import numpy as np
 
     from .errors import InputSignatureError
+    from .eval_inputs import run_samples
 
     try:
         loaded = np.load(input_path, allow_pickle=False)
@@ -106,7 +108,16 @@ def run(
         except ValueError as exc:
             raise InputSignatureError(f"{input_path}: pickled arrays are refused ({exc})") from None
     with _open(bundle, pubkey, threads, providers) as runtime:
-        outputs = runtime.run(inputs)
+        done = run_samples(runtime, inputs)
+    outputs = done.outputs
+    if done.ignored:
+        click.echo(
+            f"note: ignoring arrays that are not model inputs: {', '.join(done.ignored)}", err=True
+        )
+    if done.one_by_one:
+        click.echo(
+            f"note: the model takes batch 1; ran {done.samples} samples one at a time", err=True
+        )
     np.savez(output_path, **outputs)
     if json_requested():
         shapes = {name: list(value.shape) for name, value in outputs.items()}

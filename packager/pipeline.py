@@ -114,16 +114,22 @@ def _run(plan: Plan, settings: BuildConfig, ctx: PassContext) -> Manifest:
     model = ModelArtifact(settings.model, pipeline.name)
     facts: dict[str, Any] = {}
     records: list[PassRecord] = []
+    data_loaded = False
     for step, prepare_pass in plan.prepare:
+        if prepare_pass.needs_data and not data_loaded:
+            pipeline.data.load(settings, facts, ctx)
+            data_loaded = True
         if step.announce:
             progress(step.announce(profile))
         output, record = prepare_pass.run(model, ctx)
         model = output.artifact
         facts.update(output.metrics)
-        records.append(record)
+        if record.output is not None or not step.only_if_changed:
+            records.append(record)
         if step.report:
             progress(step.report(output.metrics, model.precision))
-    pipeline.data.load(settings, facts, ctx)
+    if not data_loaded:
+        pipeline.data.load(settings, facts, ctx)
 
     attempts, chosen, recipe_records = _try_chain(plan, settings, ctx, model)
     digests: dict[Path, str] = {}

@@ -43,7 +43,9 @@ class Step:
 
     ``options`` adds what depends on the build (a command-line flag, the profile), so a
     recipe stays plain data. ``announce`` is the progress line printed before the pass;
-    ``report`` the one after it, from the pass's figures.
+    ``report`` the one after it, from the pass's figures. A step ``only_if_changed`` is
+    kept in the manifest's history only when it wrote a new model (a conversion that
+    found nothing to convert is left out).
     """
 
     pass_name: str
@@ -51,6 +53,7 @@ class Step:
     options: Callable[[BuildSettings, Profile], Mapping[str, Any]] | None = None
     announce: Callable[[Profile], str] | None = None
     report: Callable[[Facts, str], str] | None = None
+    only_if_changed: bool = False
 
     def resolve(self, settings: BuildSettings, profile: Profile) -> dict[str, Any]:
         extra = self.options(settings, profile) if self.options else {}

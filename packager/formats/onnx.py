@@ -109,6 +109,8 @@ PIPELINE = tensor_format(
     recipes=RECIPES,
     prepare=(
         Step("OnnxValidate", announce=lambda p: "validate: onnx checker, opset, external data"),
+        # Below opset 13 only: converted, checked against the original on the eval data.
+        Step("OnnxOpsetUpgrade", only_if_changed=True),
         Step(
             "OnnxGraphOptimize",
             options=lambda settings, profile: {"level": profile.onnx.graph_optimization},

@@ -4,6 +4,7 @@ from .base import PASSES, ModelArtifact, Pass, PassConfig, PassContext, PassOutp
 from .evaluate import Evaluate
 from .gguf import GgufEvaluate, GgufQuantize, GgufValidate
 from .measure import GgufMeasure, Measure
+from .onnx_opset import OnnxOpsetUpgrade
 from .onnx_optimize import OnnxGraphOptimize
 from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
 from .onnx_validate import OnnxValidate
@@ -21,6 +22,7 @@ __all__ = [
     "ModelArtifact",
     "OnnxDynamicQuantize",
     "OnnxGraphOptimize",
+    "OnnxOpsetUpgrade",
     "OnnxStaticQuantize",
     "OnnxToFloat16",
     "OnnxValidate",

@@ -118,6 +118,8 @@ class Pass(ABC):
     input_formats: ClassVar[frozenset[str]] = frozenset({"onnx"})
     # None: runs wherever the format runs. Otherwise the profile must list one of these.
     supported_providers: ClassVar[frozenset[str] | None] = None
+    # A prepare pass that reads the eval/calibration data: the engine loads it first.
+    needs_data: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

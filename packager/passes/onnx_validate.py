@@ -13,7 +13,9 @@ from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
 class OnnxValidateConfig(PassConfig):
     min_opset: int = Field(
-        13, description="oldest default-domain opset accepted (per-channel QDQ needs 13)"
+        7,
+        description="oldest default-domain opset accepted; below 13 OnnxOpsetUpgrade "
+        "converts it (per-channel QDQ needs 13)",
     )
 
 
@@ -41,8 +43,8 @@ class OnnxValidate(Pass):
         inputs, outputs, opset = model_signature(model.path)
         if opset < self.config.min_opset:
             raise ModelValidationError(
-                f"{model.path} uses opset {opset}; edgepack needs >= {self.config.min_opset}. "
-                "Re-export with a newer opset, or convert with onnx.version_converter."
+                f"{model.path} uses opset {opset}; edgepack takes >= {self.config.min_opset} "
+                "(and converts those below 13). Re-export with opset 13 or newer."
             )
         if opset > onnx.defs.onnx_opset_version():
             raise ModelValidationError(

@@ -91,11 +91,20 @@ def test_external_data_through_a_link_is_refused(tmp_path):
         _validate(path, tmp_path)
 
 
-def test_old_opset_is_refused_with_a_fix(tmp_path):
+def test_opset_11_is_accepted_for_conversion(tmp_path):
     path = tmp_path / "old.onnx"
     onnx.save(_matmul_model(opset=11), str(path))
 
-    with pytest.raises(ModelValidationError, match="version_converter"):
+    output = _validate(path, tmp_path)
+
+    assert output.metrics["opset"] == 11  # OnnxOpsetUpgrade converts it next
+
+
+def test_an_opset_too_old_to_convert_is_refused_with_a_fix(tmp_path):
+    path = tmp_path / "old.onnx"
+    onnx.save(_matmul_model(opset=6), str(path))
+
+    with pytest.raises(ModelValidationError, match="Re-export with opset 13 or newer"):
         _validate(path, tmp_path)
 
 

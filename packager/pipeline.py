@@ -184,6 +184,8 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
     gate, progress = plan.pipeline.gate, ctx.progress
     limit = gate.threshold(settings)
     attempts: list[Attempt] = []
+    census = plan.pipeline.weights
+    before = census(prepared.path) if census is not None else None
     for recipe, passes in plan.chain:
         if recipe.needs_calibration and ctx.calibration is None:
             attempts.append(
@@ -198,6 +200,8 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
                 output, record = recipe_pass.run(candidate, ctx)
                 candidate = output.artifact
                 records.append(record)
+            if census is not None:
+                candidate = _precision_from_file(candidate, census, before, bool(passes))
             progress(gate.evaluating(recipe.name, ctx))
             evaluated, _ = plan.gate.run(candidate, ctx)
         except RecipeSkippedError as exc:
@@ -230,6 +234,17 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
         + f". {fix}",
         attempts,
     )
+
+
+def _precision_from_file(candidate: ModelArtifact, census, before, transformed: bool):
+    """The candidate with the precision its file holds. A recipe whose passes meant to
+    quantize (their artifact claims int8 or fp16) but left no more weights of that type
+    than the prepared model had fails (PassFailedError: an error attempt)."""
+    found = census(candidate.path)
+    claimed = candidate.precision
+    if transformed and claimed != "fp32" and found.count(claimed) <= before.count(claimed):
+        raise PassFailedError(f"nothing was quantized ({found.describe(claimed)})")
+    return dataclasses.replace(candidate, precision=found.precision)
 
 
 def created_epoch(model: Path) -> int:

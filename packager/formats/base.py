@@ -120,6 +120,39 @@ class Measure:
     announce: str
 
 
+# Weight tensor types by the precision they hold; the census counts only these.
+PRECISION_TYPES = {
+    "int8": ("int8", "uint8", "int4", "uint4"),
+    "fp16": ("float16", "bfloat16"),
+    "fp32": ("float32",),
+}
+
+
+@dataclass(frozen=True)
+class WeightCensus:
+    """The weight tensors of a model file, counted by element type (``float32``,
+    ``float16``, ``int8``, ...): what the file holds, whatever a recipe is called."""
+
+    counts: Mapping[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.get(t, 0) for types in PRECISION_TYPES.values() for t in types)
+
+    def count(self, precision: str) -> int:
+        """How many weight tensors hold ``precision`` (int8 counts uint8 and int4 too)."""
+        return sum(self.counts.get(t, 0) for t in PRECISION_TYPES[precision])
+
+    @property
+    def precision(self) -> str:
+        """The manifest's precision: int8 if any weight is, else fp16 if any is, else fp32."""
+        return next((p for p in ("int8", "fp16") if self.count(p)), "fp32")
+
+    def describe(self, precision: str) -> str:
+        """e.g. "0 of 385 weight tensors are int8"."""
+        return f"{self.count(precision)} of {self.total} weight tensors are {precision}"
+
+
 @dataclass(frozen=True)
 class DeviceRuntime:
     """What a device installs, and a frozen runtime carries, to run the format.
@@ -158,6 +191,9 @@ class FormatPipeline:
     tool_distributions: tuple[str, ...]
     # Opens the model on this host for the evaluate pass: path -> object with ``run``.
     host_session: Callable[[Path], Any] | None = None
+    # Counts a model file's weight tensors by type: a quantizing recipe must have raised
+    # the count of its precision, and the manifest's precision is read from the file.
+    weights: Callable[[Path], WeightCensus] | None = None
     # The progress line before a recipe's passes; default "NAME: DESCRIPTION".
     announce_recipe: Callable[[Recipe], str] | None = None
     # The message for an unknown recipe name; default "unknown FORMAT recipe ...".

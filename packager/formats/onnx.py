@@ -10,7 +10,15 @@ from pydantic import Field, field_validator
 
 from edge_runtime.manifest import OnnxBackendSpec
 
-from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
+from .base import (
+    DeviceRuntime,
+    ProfileSection,
+    Recipe,
+    Step,
+    WeightCensus,
+    check_names,
+    recipes_by_name,
+)
 from .tensors import tensor_bench, tensor_format
 
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
@@ -82,6 +90,26 @@ def host_session(path: Path) -> OnnxSession:
     return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
 
 
+def weight_census(path: Path) -> WeightCensus:
+    """Initializers (and Constant tensors) of rank 2 or more, the weight matrices and
+    kernels, by element type; biases, scales and zero points are left out. Int8 weights
+    are what both quantizers leave: QDQ's DequantizeLinear inputs, MatMulInteger's and
+    ConvInteger's weights. External data is not loaded; the types are in the header."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors.extend(attr.t for attr in node.attribute if attr.HasField("t"))
+    counts: dict[str, int] = {}
+    for tensor in tensors:
+        if len(tensor.dims) >= 2:
+            kind = onnx.TensorProto.DataType.Name(tensor.data_type).lower()
+            kind = "float32" if kind == "float" else kind
+            counts[kind] = counts.get(kind, 0) + 1
+    return WeightCensus(counts)
+
+
 def measure_loader(request: dict):
     """In the measuring worker: load as the device will (the bundle's backend spec)."""
     from edge_runtime.backends.onnx import OnnxSession
@@ -122,5 +150,6 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
     host_session=host_session,
+    weights=weight_census,
     worker_loader="packager.formats.onnx:measure_loader",
 )

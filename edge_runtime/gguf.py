@@ -81,6 +81,16 @@ def _q(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def gguf_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The general.* and tokenizer.* values of a GGUF header that are strings, numbers or
+    booleans: what ``Runtime.metadata`` shows (arrays such as the token list are left out)."""
+    return {
+        key: value
+        for key, value in metadata.items()
+        if key.startswith(("general.", "tokenizer.")) and isinstance(value, str | int | float)
+    }
+
+
 def file_type_name(value: int | None) -> str:
     """The llama_ftype name for a ``general.file_type`` value, e.g. 15 -> "Q4_K_M"."""
     if value is None:

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +52,15 @@ class Runtime:
 
     Use ``Runtime.open`` rather than the constructor. A Runtime is a context manager;
     closing it releases the engine and removes a temporary extraction folder.
+
+    Attributes:
+        manifest: the verified manifest of the loaded bundle.
+        metadata: a read-only mapping of the model's own metadata, as its file carries it:
+            an ONNX model's ``metadata_props`` (name -> str), a TFLite model's metadata
+            entries (name -> str where the bytes are UTF-8 text, else bytes), a GGUF
+            model's ``general.*`` and ``tokenizer.*`` strings and numbers. Empty when the
+            model has none. Models keep things there such as an OCR character dictionary.
+        model_dir: the folder the bundle was extracted into.
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class Runtime:
         self._tensors = backend if interface is TensorBackend else None
         self._text = backend if interface is GenerativeBackend else None
         self._check_inputs = InputChecker(verified.manifest.inputs)
+        self._metadata: Mapping[str, Any] | None = None
         self._telemetry: TelemetryHook | None = None
         self.telemetry = telemetry
 
@@ -160,6 +171,13 @@ class Runtime:
     def backend(self) -> TensorBackend | GenerativeBackend:
         """The loaded backend; ``runtime.backend.engine`` is the engine object itself."""
         return self._backend
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        """The model's own metadata, read-only (see the class docstring for each format)."""
+        if self._metadata is None:
+            self._metadata = MappingProxyType(dict(self._backend.metadata()))
+        return self._metadata
 
     @property
     def signed_by(self) -> str:

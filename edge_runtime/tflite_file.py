@@ -54,7 +54,7 @@ _LOOKALIKES = [
 ]
 # Model table fields
 _M_VERSION, _M_OPCODES, _M_SUBGRAPHS, _M_DESCRIPTION, _M_BUFFERS = 0, 1, 2, 3, 4
-_M_SIGNATURES = 7
+_M_METADATA, _M_SIGNATURES = 6, 7
 # SubGraph, Tensor, Buffer, SignatureDef, TensorMap fields
 _SG_TENSORS, _SG_INPUTS, _SG_OUTPUTS, _SG_OPERATORS = 0, 1, 2, 3
 _T_SHAPE, _T_TYPE, _T_BUFFER, _T_NAME = 0, 1, 2, 3
@@ -62,6 +62,7 @@ _OP_INPUTS, _OP_OUTPUTS = 1, 2
 _B_DATA, _B_OFFSET, _B_SIZE = 0, 1, 2
 _SIG_INPUTS, _SIG_OUTPUTS, _SIG_KEY = 0, 1, 2
 _TM_NAME, _TM_TENSOR = 0, 1
+_MD_NAME, _MD_BUFFER = 0, 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class TfliteFacts:
     # Tensor types of constant tensors (weights), with their counts: int8 weights mean the
     # model is already quantized.
     weight_types: dict[str, int] = field(default_factory=dict)
+    # The model's metadata entries (name -> the bytes of the buffer it names), e.g. the
+    # converter's "min_runtime_version" or a label map a model keeps there.
+    metadata: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -245,12 +249,12 @@ def _walk(reader: _Reader) -> TfliteFacts:
     if version != SCHEMA_VERSION:
         raise reader.fail(f"schema version {version}, expected {SCHEMA_VERSION}")
     buffers = model.tables(_M_BUFFERS, "buffers")
-    buffer_bytes, weight_bytes = [], 0
+    buffer_bytes, buffer_starts, weight_bytes = [], [], 0
     for index, buffer in enumerate(buffers):
-        nbytes = 0
+        nbytes = start = 0
         data = buffer.ref(_B_DATA)
         if data is not None:
-            nbytes = reader.vector(data, 1, f"buffer {index} data")[1]
+            start, nbytes = reader.vector(data, 1, f"buffer {index} data")
         # Models over 2 GB keep weights after the flatbuffer: offset and size from file start.
         offset = buffer.scalar(_B_OFFSET, "u64")
         if offset > 1:
@@ -258,7 +262,9 @@ def _walk(reader: _Reader) -> TfliteFacts:
             if offset + nbytes > reader.size:
                 raise reader.fail(f"buffer {index} data runs past the end of the file")
             reader.extent = max(reader.extent, offset + nbytes)
+            start = offset
         buffer_bytes.append(nbytes)
+        buffer_starts.append(start)
         weight_bytes += nbytes
     opcodes = model.tables(_M_OPCODES, "operator codes")
     subgraphs = model.tables(_M_SUBGRAPHS, "subgraphs")
@@ -296,6 +302,14 @@ def _walk(reader: _Reader) -> TfliteFacts:
             for tensor_map in signature.tables(slot, f"signature {index} tensors"):
                 tensor_map.string(_TM_NAME, f"signature {index} tensor name")
         signatures.append(signature.string(_SIG_KEY, f"signature {index} key") or "")
+    metadata = {}
+    for index, entry in enumerate(model.tables(_M_METADATA, "metadata")):
+        name = entry.string(_MD_NAME, f"metadata {index} name") or ""
+        buffer = entry.scalar(_MD_BUFFER, "u32")
+        if buffer >= len(buffers):
+            raise reader.fail(f"metadata {name!r} names buffer {buffer} of {len(buffers)}")
+        start = buffer_starts[buffer]
+        metadata[name] = bytes(reader.data[start : start + buffer_bytes[buffer]])
     return TfliteFacts(
         version=version,
         description=model.string(_M_DESCRIPTION, "description") or "",
@@ -307,6 +321,7 @@ def _walk(reader: _Reader) -> TfliteFacts:
         extent=reader.extent,
         signatures=signatures,
         weight_types=dict(sorted(weight_types.items())),
+        metadata=metadata,
     )
 
 

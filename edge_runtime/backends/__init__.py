@@ -135,6 +135,11 @@ class Backend(ABC):
         """Facts about the loaded engine (e.g. the providers actually in use)."""
         return {}
 
+    def metadata(self) -> dict[str, str | bytes | int | float | bool]:
+        """The model's own metadata, as its file carries it (ONNX metadata props, TFLite
+        metadata entries, GGUF general.* and tokenizer.* values); {} when it has none."""
+        return {}
+
     @property
     def engine(self) -> Any:
         """The engine object itself (e.g. the ``onnxruntime.InferenceSession``), for callers

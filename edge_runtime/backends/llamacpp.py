@@ -124,14 +124,15 @@ class LlamaCppBackend(GenerativeBackend):
         self._threads = 0
         self._gpu_layers = 0
         self._context_length = 0
+        self._metadata: dict[str, Any] = {}
 
     def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:
-        from ..gguf import read_gguf
+        from ..gguf import gguf_metadata, read_gguf
 
         if manifest.llm is None:
             raise BackendError("the manifest of this llamacpp bundle has no llm section")
         model_path = model_dir / manifest.model.path
-        read_gguf(model_path)  # refuses a malformed file before llama.cpp parses it
+        header = read_gguf(model_path)  # refuses a malformed file before llama.cpp parses it
         spec = manifest.backend
         if spec.name != "llamacpp":
             raise BackendError(f"the llama.cpp backend cannot run a {spec.name} bundle")
@@ -140,6 +141,7 @@ class LlamaCppBackend(GenerativeBackend):
         self._gpu_layers = spec.gpu_layers if options.gpu_layers is None else options.gpu_layers
         self._context_length = options.context_length or manifest.llm.context_length
         self._manifest = manifest
+        self._metadata = gguf_metadata(header.metadata)
         self._llm = open_llama(
             model_path,
             context_length=self._context_length,
@@ -258,10 +260,16 @@ class LlamaCppBackend(GenerativeBackend):
     def token_text(self, tokens: list[int]) -> str:
         return self._require().detokenize(tokens).decode(errors="replace")
 
+    def metadata(self) -> dict[str, Any]:
+        """The GGUF header's general.* and tokenizer.* values that are strings or numbers
+        (arrays such as the token list are left out)."""
+        return dict(self._metadata)
+
     def close(self) -> None:
         if self._llm is not None:
             self._llm.close()
         self._llm = None
+        self._metadata = {}
 
     @property
     def engine(self):

@@ -122,5 +122,11 @@ class OnnxBackend(TensorBackend):
     def engine(self):
         return self._session.session if self._session else None
 
+    def metadata(self) -> dict[str, str]:
+        """The model's ``metadata_props`` (ONNX Runtime's ``custom_metadata_map``)."""
+        if self._session is None:
+            return {}
+        return dict(self._session.session.get_modelmeta().custom_metadata_map)
+
     def info(self) -> dict[str, Any]:
         return {"providers": self._session.session.get_providers() if self._session else []}

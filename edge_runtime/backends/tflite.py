@@ -248,5 +248,24 @@ class TfliteBackend(TensorBackend):
         """The loaded session: the interpreter and its tensor indices by name."""
         return self._session
 
+    def metadata(self) -> dict[str, str | bytes]:
+        """The model's metadata entries: UTF-8 text (trailing NULs dropped) where the bytes
+        are text, else the bytes (e.g. the TFLite Support library's flatbuffer)."""
+        if self._session is None:
+            return {}
+        return {name: _text_or_bytes(raw) for name, raw in self._session.facts.metadata.items()}
+
     def info(self) -> dict[str, Any]:
         return self._session.info() if self._session else {}
+
+
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """``raw`` as text when it is UTF-8 without control characters (tabs and newlines
+    allowed) once the NUL padding at its end is dropped; otherwise ``raw`` itself."""
+    try:
+        text = raw.rstrip(b"\0").decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    if any(ord(char) < 32 and char not in "\t\n\r" for char in text):
+        return raw
+    return text

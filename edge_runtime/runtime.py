@@ -338,6 +338,10 @@ class Runtime:
         self.close()
 
 
+# ONNX writes '?' (or nothing) for an axis of unknown size: free on its own, never shared.
+UNSHARED_DIMS = frozenset({"?", ""})
+
+
 def check_inputs(specs: list[TensorSpec], inputs: Mapping[str, Any]) -> None:
     """Raise InputSignatureError unless ``inputs`` match ``specs`` exactly."""
     try:
@@ -358,7 +362,7 @@ def _check_inputs(specs: list[TensorSpec], inputs: Mapping[str, Any]) -> None:
     missing, extra = sorted(names - set(inputs)), sorted(set(inputs) - names)
     if missing or extra:
         raise _Mismatch(f"missing inputs {missing}, unknown inputs {extra}")
-    free_dims: dict[str, int] = {}
+    free_dims: dict[str, tuple[int, str]] = {}  # name -> (size, first input)
     for spec in specs:
         value = inputs[spec.name]
         if not isinstance(value, np.ndarray):
@@ -376,10 +380,13 @@ def _check_inputs(specs: list[TensorSpec], inputs: Mapping[str, Any]) -> None:
                     raise _Mismatch(
                         f"input {spec.name!r} has size {size} on axis {axis}, needs {dim}"
                     )
-            elif free_dims.setdefault(dim, size) != size:
+            elif dim in UNSHARED_DIMS:
+                continue  # bundles built before names were generated for '?' axes
+            elif free_dims.setdefault(dim, (size, spec.name))[0] != size:
+                first_size, first_input = free_dims[dim]
+                where = "another of its axes" if first_input == spec.name else "another input"
                 raise _Mismatch(
-                    f"input {spec.name!r} has {dim}={size} but another input has "
-                    f"{dim}={free_dims[dim]}"
+                    f"input {spec.name!r} has {dim}={size} but {where} has {dim}={first_size}"
                 )
 
 

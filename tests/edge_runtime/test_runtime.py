@@ -163,8 +163,18 @@ def test_check_inputs_accepts_a_named_dimension_used_consistently(shape):
 def test_check_inputs_refuses_a_named_dimension_that_differs_within_one_input():
     specs = [TensorSpec(name="square", dtype="float32", shape=["n", "n"])]
 
-    with pytest.raises(InputSignatureError, match="has n=3 but another input has n=2"):
+    with pytest.raises(InputSignatureError, match="has n=3 but another of its axes has n=2"):
         check_inputs(specs, {"square": np.zeros((2, 3), dtype=np.float32)})
+
+
+@pytest.mark.parametrize("unknown", ["?", ""])
+def test_check_inputs_takes_each_unknown_axis_on_its_own(unknown):
+    """Bundles built before '?' axes got names of their own: each '?' is free by itself."""
+    specs = [TensorSpec(name="image", dtype="float32", shape=["n", 3, unknown, unknown])]
+
+    assert check_inputs(specs, {"image": np.zeros((1, 3, 48, 192), dtype=np.float32)}) is None
+    with pytest.raises(InputSignatureError, match="rank 3"):
+        check_inputs(specs, {"image": np.zeros((3, 48, 192), dtype=np.float32)})
 
 
 def test_selftest_passes_on_the_real_bundle(runtime):

@@ -10,6 +10,7 @@ from packager.profiles import load_profile
 EXPECTED = {
     "OnnxValidate",
     "OnnxGraphOptimize",
+    "OnnxOpsetUpgrade",
     "OnnxDynamicQuantize",
     "OnnxStaticQuantize",
     "OnnxToFloat16",

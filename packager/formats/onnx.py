@@ -10,15 +10,7 @@ from pydantic import Field, field_validator
 
 from edge_runtime.manifest import OnnxBackendSpec
 
-from .base import (
-    DeviceRuntime,
-    ProfileSection,
-    Recipe,
-    Step,
-    WeightCensus,
-    check_names,
-    recipes_by_name,
-)
+from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
 from .tensors import tensor_bench, tensor_format
 
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
@@ -90,7 +82,7 @@ def host_session(path: Path) -> OnnxSession:
     return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
 
 
-def weight_census(path: Path) -> WeightCensus:
+def weight_counts(path: Path) -> dict[str, int]:
     """Initializers (and Constant tensors) of rank 2 or more, the weight matrices and
     kernels, by element type; biases, scales and zero points are left out. Int8 weights
     are what both quantizers leave: QDQ's DequantizeLinear inputs, MatMulInteger's and
@@ -107,7 +99,7 @@ def weight_census(path: Path) -> WeightCensus:
             kind = onnx.TensorProto.DataType.Name(tensor.data_type).lower()
             kind = "float32" if kind == "float" else kind
             counts[kind] = counts.get(kind, 0) + 1
-    return WeightCensus(counts)
+    return counts
 
 
 def measure_loader(request: dict):
@@ -150,6 +142,6 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
     host_session=host_session,
-    weights=weight_census,
+    weight_counts=weight_counts,
     worker_loader="packager.formats.onnx:measure_loader",
 )

@@ -10,14 +10,14 @@ its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.manifest import Measurements, MemoryFit
 
 from ..errors import FitError, PackagerError
-from .base import Chosen, DataNeeds, FormatPipeline, Gate, Measure, Step
+from .base import Chosen, DataNeeds, FormatPipeline, Gate, Measure, Step, WeightCensus
 
 # Without a measurement the fit check uses this estimate: the engine holds the weights
 # once plus pre-packed copies of some of them, and a little for activations and itself.
@@ -126,9 +126,13 @@ def tensor_bench(run: Callable[[dict], Any], request: dict) -> Callable[[], dict
     return bench
 
 
-def tensor_format(*, worker_loader: str, **own: Any) -> FormatPipeline:
-    """A ``FormatPipeline`` with the tensor formats' data, gate, measure and fit."""
+def tensor_format(
+    *, worker_loader: str, weight_counts: Callable[[Path], Mapping[str, int]], **own: Any
+) -> FormatPipeline:
+    """A ``FormatPipeline`` with the tensor formats' data, gate, measure and fit;
+    ``weight_counts`` counts a model file's weight tensors by element type."""
     return FormatPipeline(
+        weights=lambda path: WeightCensus(weight_counts(path)),
         data=TENSOR_DATA,
         gate=TENSOR_GATE,
         measure=Measure(

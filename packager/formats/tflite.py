@@ -10,15 +10,7 @@ from pydantic import Field, field_validator
 
 from edge_runtime.manifest import TfliteBackendSpec
 
-from .base import (
-    DeviceRuntime,
-    ProfileSection,
-    Recipe,
-    Step,
-    WeightCensus,
-    check_names,
-    recipes_by_name,
-)
+from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
 from .tensors import tensor_bench, tensor_format
 
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
@@ -81,11 +73,11 @@ def host_session(path: Path, threads: int | None = None) -> TfliteSession:
     return TfliteSession(path, threads or os.cpu_count() or 1, True)
 
 
-def weight_census(path: Path) -> WeightCensus:
+def weight_counts(path: Path) -> dict[str, int]:
     """Constant tensors (those with data in a buffer) by type, from the flatbuffer."""
     from edge_runtime.tflite_file import check_tflite
 
-    return WeightCensus(check_tflite(path).weight_types)
+    return dict(check_tflite(path).weight_types)
 
 
 def measure_loader(request: dict):
@@ -126,6 +118,6 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
-    weights=weight_census,
+    weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
 )

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from packager.build import BuildConfig, build_bundle
-from packager.formats.onnx import weight_census
-from packager.formats.tflite import weight_census as tflite_weight_census
+from packager.formats.onnx import PIPELINE as ONNX
+from packager.formats.tflite import PIPELINE as TFLITE
 from packager.profiles import load_profile
 from tests.conftest import build_example
 
@@ -84,7 +84,7 @@ def test_the_precision_comes_from_the_file_not_the_recipe_name(keypair, tmp_path
 
     result = _build(model, eval_file, keypair, tmp_path, recipe="fp32")
 
-    assert weight_census(model).describe("int8") == "1 of 1 weight tensors are int8"
+    assert ONNX.weights(model).describe("int8") == "1 of 1 weight tensors are int8"
     assert result.manifest.quantization.chosen == "fp32"
     assert result.manifest.model.precision == "int8"  # what the file holds
 
@@ -106,7 +106,7 @@ def test_each_onnx_recipe_records_what_its_file_holds(digits_example, keypair, t
 
 
 def test_the_tflite_census_reads_the_flatbuffer(digits_tflite_example):
-    census = tflite_weight_census(digits_tflite_example.model)
+    census = TFLITE.weights(digits_tflite_example.model)
 
     assert census.total > 0
     assert census.count("int8") == 0

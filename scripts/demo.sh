@@ -76,6 +76,10 @@ echo "        ~/.cache/edgepack, about 90 s the first time), int8 by ai-edge-qua
     --calibration "$OUT/model/digits-calibration.npz" --eval "$OUT/model/digits-eval.npz"
 "$RUNTIME" info "$OUT/digits-tflite-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
 "$RUNTIME" selftest "$OUT/digits-tflite-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
+# the build's own eval file runs as it is: its labels are set aside, and the batch-1 model
+# is fed one sample at a time
+"$RUNTIME" run "$OUT/digits-tflite-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
+    --input "$OUT/model/digits-eval.npz" --output "$OUT/digits-logits.npz"
 
 echo
 echo "==> 7. a simulated fleet: collector with an embedded MQTT broker, three agents"

@@ -64,9 +64,20 @@ def _plain(annotation: Any) -> Any:
     return annotation
 
 
+def repeatable(annotation: Any) -> bool:
+    """A ``list`` or ``dict`` field: its flag may be given several times (``dict`` fields
+    take ``KEY=VALUE``; the model's validator splits them)."""
+    return typing.get_origin(_plain(annotation)) in (list, dict)
+
+
 def click_type(annotation: Any) -> Any:
-    """The click type for a field annotation; ``bool`` for a flag pair."""
+    """The click type for a field annotation; ``bool`` for a flag pair. A repeatable
+    field's type is that of its items (``dict`` fields take strings)."""
     annotation = _plain(annotation)
+    if typing.get_origin(annotation) is dict:
+        return click.STRING
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
         return click.Choice([str(choice) for choice in typing.get_args(annotation)])
     if isinstance(annotation, type) and issubclass(annotation, Enum):
@@ -131,6 +142,7 @@ def settings_options(
             attrs["is_flag"] = True
         else:
             attrs["type"] = kind
+            attrs["multiple"] = repeatable(field.annotation)
         options.append(
             click.option(
                 *flags,
@@ -165,8 +177,13 @@ def option_labels(ctx: click.Context | None = None) -> dict[str, str]:
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:
-    """The options the user gave (click hands the rest on as None)."""
-    return {name: value for name, value in values.items() if value is not None}
+    """The options the user gave (click hands the rest on as None, or as an empty tuple
+    for a repeatable one); a repeatable option's values come as a list."""
+    return {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in values.items()
+        if value is not None and value != ()
+    }
 
 
 def validate_options(

@@ -105,12 +105,36 @@ class ModelSpec(StrictModel):
     signature: str | None = Field(None, description="TFLite: the signature the inputs come from")
 
 
+class OutputScore(StrictModel):
+    """How the gate judged one output tensor of a candidate (or one eval file of it)."""
+
+    output: str
+    metric: str  # e.g. "cosine-tokens", "top1", "detection", "relative-error", a plugin
+    degradation: float  # 0 = identical to the reference; the gate compares it to threshold
+    threshold: float
+    passed: bool
+    eval_file: str | None = None  # with several eval files, the one these figures are from
+    figures: dict[str, float] = Field(default_factory=dict)
+
+
+class SpeedCheck(StrictModel):
+    """The candidate's host latency against the float model's, measured side by side."""
+
+    candidate_ms: float
+    reference_ms: float
+    ratio: float  # reference_ms / candidate_ms: above 1 = faster than float
+    representative: bool  # the host shares the profile's instruction-set class
+
+
 class Attempt(StrictModel):
     recipe: str
     status: Literal["passed", "failed", "skipped", "error"]
     reason: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     size_bytes: int | None = None
+    outputs: list[OutputScore] = Field(default_factory=list)
+    excluded_nodes: list[str] = Field(default_factory=list)  # kept in float (mixed precision)
+    speed: SpeedCheck | None = None
 
 
 class QuantizationRecord(StrictModel):
@@ -119,6 +143,7 @@ class QuantizationRecord(StrictModel):
     max_degradation: float
     eval_samples: int
     attempts: list[Attempt]
+    task: str | None = None  # the --task the gate judged for (None: older bundles)
 
 
 class Measurements(StrictModel):

@@ -162,6 +162,7 @@ def _run(plan: Plan, settings: BuildConfig, ctx: PassContext) -> Manifest:
             max_degradation=gate.threshold(settings),
             eval_samples=gate.eval_samples(chosen.metrics, ctx),
             attempts=attempts,
+            task=ctx.task,
         ),
         memory=memory,
         measurements=measurements,
@@ -194,12 +195,14 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
             progress(f"{recipe.name}: skipped (no calibration data)")
             continue
         progress(plan.pipeline.announce(recipe))
-        candidate, records = prepared, []
+        candidate, records, excluded = prepared, [], []
         try:
             for recipe_pass in passes:
                 output, record = recipe_pass.run(candidate, ctx)
                 candidate = output.artifact
                 records.append(record)
+                # A mixed-precision pass names the nodes it kept in float.
+                excluded = list(output.metrics.get("excluded_nodes", excluded))
             if census is not None:
                 candidate = _precision_from_file(candidate, census, before, bool(passes))
             progress(gate.evaluating(recipe.name, ctx))
@@ -214,6 +217,7 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
             continue
         metrics = dict(evaluated.metrics)
         passed = bool(metrics.pop("passed"))
+        outputs = metrics.pop("outputs", [])  # per-output scores (OutputScore fields)
         attempts.append(
             Attempt(
                 recipe=recipe.name,
@@ -221,6 +225,8 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
                 reason=None if passed else gate.reason(metrics, limit),
                 metrics=metrics,
                 size_bytes=candidate.path.stat().st_size,
+                outputs=outputs,
+                excluded_nodes=excluded,
             )
         )
         progress(gate.verdict(recipe.name, metrics, passed))

@@ -7,11 +7,28 @@ these fields (the description is the help text), so the two cannot drift apart.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .profiles import DeviceProfile
+
+TASKS = ("classification", "embedding", "detection", "dense", "sequence", "regression")
+
+
+def key_values(value: Any, flag: str) -> Any:
+    """``["NAME=VALUE", ...]`` (repeated flags) -> ``{NAME: "VALUE"}``; a dict passes."""
+    if not isinstance(value, list | tuple):
+        return value
+    pairs = {}
+    for item in value:
+        name, sep, rest = str(item).partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
+        if name in pairs:
+            raise ValueError(f"{flag} names {name!r} twice")
+        pairs[name] = rest
+    return pairs
 
 
 class BuildConfig(BaseModel):
@@ -75,10 +92,39 @@ class BuildConfig(BaseModel):
         True,
         description="Measure latency and memory on this host (--no-measure: reproducible bytes).",
     )
-    task: Literal["auto", "classification", "embedding", "generic"] = Field(
+    task: Literal[
+        "auto", "classification", "embedding", "detection", "dense", "sequence", "regression",
+        "generic",
+    ] = Field(
         "auto",
-        description="classification adds top-1 agreement; auto = classification if eval "
-        "has labels.",
+        description="What the model is for; the gate scores each output with the task's "
+        "metric (docs/quantization.md). auto: chosen per output from its shape and the data.",
+    )
+    metric: dict[str, str] = Field(
+        default_factory=dict,
+        description="OUTPUT=NAME: the gate metric for one output (repeatable), e.g. "
+        "scores=classification; see docs/quantization.md for the names.",
+    )
+    metric_plugin: str | None = Field(
+        None,
+        description="module:function (or an 'edgepack.metrics' entry point name) that scores "
+        "the candidate's outputs against the reference; see docs/quantization.md.",
+    )
+    batch_axis: dict[str, int] = Field(
+        default_factory=dict,
+        description="NAME=K: input NAME holds samples on axis K, not 0 (repeatable), e.g. "
+        "a recurrent state [layers, batch, units].",
+    )
+    constant: dict[str, str] = Field(
+        default_factory=dict,
+        description="NAME=VALUE: feed input NAME this fixed value (a number or a JSON list) "
+        "instead of taking it from the data files (repeatable), e.g. sr=16000.",
+    )
+    selftest_vectors: int | None = Field(
+        None,
+        ge=1,
+        description="Eval samples stored as self-test vectors (default: as many as fit in "
+        "10% of the model or 1 MiB, at most 8).",
     )
     name: str | None = Field(None, description="Bundle name (default: the model file's stem).")
     version: str = Field("0.1.0", description="Bundle version recorded in the manifest.")
@@ -87,3 +133,9 @@ class BuildConfig(BaseModel):
         description="Folder for intermediate files, kept after the build (default: a "
         "temporary folder, removed).",
     )
+
+    @field_validator("metric", "batch_axis", "constant", mode="before")
+    @classmethod
+    def _key_values(cls, value: Any, info) -> Any:
+        return key_values(value, "--" + info.field_name.replace("_", "-"))
+

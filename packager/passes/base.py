@@ -59,7 +59,8 @@ class PassContext:
     """Shared state of one build: the work folder, profile, data and progress hook.
 
     ``source`` is the model the build started from, which the gates compare against.
-    The last fields are caches: figures of the source model, computed once per build.
+    ``reference_outputs`` and ``source_score`` are caches: figures of the source model,
+    computed once per build.
     """
 
     workdir: Path
@@ -73,6 +74,10 @@ class PassContext:
     progress: Callable[[str], None] = lambda message: None
     reference_outputs: dict[str, Any] | None = None  # tensor models: the source's outputs
     source_score: Any = None  # GGUF: the source's per-token scores
+    # Set by the engine during the recipe loop: runs the build's gate on a candidate and
+    # returns its figures ("passed", "degradation", ...), so a searching pass (mixed
+    # precision) can judge its intermediate candidates the way the build will.
+    judge: Callable[[ModelArtifact], dict[str, Any]] | None = None
     _counter: int = 0
 
     def new_step_dir(self, name: str) -> Path:

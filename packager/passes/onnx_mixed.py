@@ -1,0 +1,530 @@
+"""OnnxMixedPrecisionQuantize: static int8 QDQ, with the nodes that break the gate kept in float.
+
+Whole-graph int8 fails on real models in a few known ways: a tensor whose range is set by
+a huge constant (an attention mask filled with -1e9 or the float minimum) squeezes every
+meaningful value into one int8 level; a final Concat of quantities with different ranges
+(box coordinates 0-320 next to class scores 0-1) gets one scale for both; and a few
+tensors with outliers quantize badly. Intel Neural Compressor and Olive get int8 on such
+models by keeping those nodes in float. This pass does the same, judged by the build's
+own gate (``PassContext.judge``):
+
+1. the whole graph in int8; if the gate passes it, that is the model;
+2. heuristics from the float model's activation ranges on the calibration data: the nodes
+   fed by huge constants, the tensors downstream of them whose range stays huge, and
+   final Concat heads whose inputs' ranges differ by ``range_ratio`` or more;
+3. a sensitivity search: the float and QDQ models run side by side on calibration samples
+   with every intermediate tensor as an output (ONNX Runtime's ``qdq_loss_debug``
+   augmentation), each tensor's signal-to-quantization-noise ratio against float is
+   measured, and the tensors where it drops most (the noise the producing node adds) are
+   kept in float, in growing batches, until the gate passes or a limit is reached.
+
+Keeping a tensor in float means excluding its producer and all its consumers from
+quantization (``nodes_to_exclude``): excluding only the producer would still put a QDQ
+pair on the tensor at each quantized consumer's input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from ..data import sample, sample_count
+from ..errors import DataError
+from .base import ModelArtifact, Pass, PassContext, PassOutput
+from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq
+
+# Ops that only move or reshape data: a head's Concat reaches the graph output through
+# these, and excluding the Concat must exclude them too (each would requantize the tensor).
+DATA_MOVEMENT_OPS = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Identity",
+        "Slice",
+        "Gather",
+        "Split",
+        "Expand",
+        "Tile",
+    }
+)
+SQNR_CAP_DB = 120.0  # a tensor with no measurable noise (an exact match)
+
+# onnxruntime.quantization's names for the tensors around a QDQ pair: the producer's output
+# keeps its name and the consumer reads NAME_DequantizeLinear_Output (NAME_..._Output_1 for
+# a second pair), except for a graph output, whose producer writes NAME_QuantizeLinear_Input
+# and whose DequantizeLinear writes NAME.
+QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"
+DEQUANT_OUTPUT_SUFFIX = "_DequantizeLinear_Output"
+
+
+class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
+    max_excluded_nodes: int = Field(
+        64, ge=1, description="nodes kept in float at most (heuristics and search together)"
+    )
+    max_excluded_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the graph's nodes kept in float at most: a model mostly in "
+        "float gains little from int8",
+    )
+    search_steps: int = Field(
+        4, ge=0, description="sensitivity-search rounds (quantize and judge) at most"
+    )
+    first_batch: int = Field(
+        2, ge=1, description="tensors kept in float in the first search round; doubled each round"
+    )
+    range_ratio: float = Field(
+        20.0,
+        gt=1,
+        description="a final Concat whose inputs' ranges differ by this factor is kept in float",
+    )
+    huge_constant: float = Field(
+        1e4,
+        gt=0,
+        description="a constant with a value this large (or infinite) marks an attention-mask "
+        "style addition; its node and the tensors downstream with ranges this large stay float",
+    )
+    debug_samples: int = Field(
+        8, gt=0, description="calibration samples the activation ranges and errors are measured on"
+    )
+
+
+@dataclass
+class Graph:
+    """The float model's nodes by name, with who produces and who reads each tensor."""
+
+    names: list[str]
+    op_types: dict[str, str]
+    inputs: dict[str, list[str]]  # node -> its activation inputs (constants left out)
+    outputs: dict[str, list[str]]  # node -> its outputs
+    all_inputs: dict[str, list[str]]  # node -> every input, constants included
+    producer: dict[str, str] = field(default_factory=dict)  # tensor -> node
+    consumers: dict[str, list[str]] = field(default_factory=dict)  # tensor -> nodes
+    constants: dict[str, Any] = field(default_factory=dict)  # tensor -> array
+    graph_outputs: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model) -> Graph:
+        from onnx import numpy_helper
+
+        constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                for attribute in node.attribute:
+                    if attribute.name == "value":
+                        constants[node.output[0]] = numpy_helper.to_array(attribute.t)
+        graph = cls([], {}, {}, {}, {}, constants=constants)
+        graph.graph_outputs = frozenset(output.name for output in model.graph.output)
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                continue
+            graph.names.append(node.name)
+            graph.op_types[node.name] = node.op_type
+            graph.all_inputs[node.name] = [t for t in node.input if t]
+            graph.inputs[node.name] = [t for t in node.input if t and t not in constants]
+            graph.outputs[node.name] = [t for t in node.output if t]
+            for tensor in graph.outputs[node.name]:
+                graph.producer[tensor] = node.name
+            for tensor in set(graph.inputs[node.name]):
+                graph.consumers.setdefault(tensor, []).append(node.name)
+        return graph
+
+    def keep_float(self, tensor: str) -> set[str]:
+        """The nodes to exclude so that ``tensor`` is never quantized."""
+        nodes = set(self.consumers.get(tensor, []))
+        if tensor in self.producer:
+            nodes.add(self.producer[tensor])
+        return nodes
+
+    def huge_constant_inputs(self, node: str, limit: float) -> bool:
+        import numpy as np
+
+        for tensor in self.all_inputs.get(node, []):
+            value = self.constants.get(tensor)
+            if value is None or value.size == 0 or value.dtype.kind != "f":
+                continue
+            if not np.all(np.isfinite(value)) or float(np.abs(value).max()) >= limit:
+                return True
+        return False
+
+
+def load_graph(path: Path) -> Graph:
+    import onnx
+
+    return Graph.of(onnx.load(str(path)))
+
+
+def name_nodes(source: Path, out_dir: Path) -> Path:
+    """``source``, or a copy whose nodes all have unique names (exclusion is by name)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    seen: set[str] = set()
+    changed = False
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}_edgepack"
+            changed = True
+        seen.add(node.name)
+    if not changed:
+        return source
+    named = out_dir / "named.onnx"
+    onnx.save(model, str(named))
+    return named
+
+
+def _augmented(path: Path, out_path: Path) -> Path:
+    """``path`` with every float intermediate tensor as an extra output (ONNX Runtime's
+    qdq_loss_debug augmentation: each one flattened and saved as NAME_ReshapedSavedOutput)."""
+    import inspect
+
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
+
+    # ONNX Runtime 1.18 on writes the file; earlier releases return the model.
+    if (
+        "output_model_path"
+        in inspect.signature(modify_model_output_intermediate_tensors).parameters
+    ):
+        modify_model_output_intermediate_tensors(str(path), str(out_path))
+    else:
+        onnx.save(modify_model_output_intermediate_tensors(str(path)), str(out_path))
+    return out_path
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # As qdq_loss_debug's collect_activations: no fusion, so every tensor is what the graph
+    # says (QDQ pairs simulate int8 in float).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
+
+    saved = [
+        output.name
+        for output in session.get_outputs()
+        if output.name.endswith(_TENSOR_SAVE_POSTFIX)
+    ]
+    names = [name[: -len(_TENSOR_SAVE_POSTFIX)] for name in saved]
+    return session, saved, names
+
+
+def _seen_by_consumers(tensor: str, qdq_names: set[str]) -> str | None:
+    """The QDQ model's name for what ``tensor``'s consumers read (after its QDQ pair)."""
+    for candidate in (tensor + DEQUANT_OUTPUT_SUFFIX, tensor + DEQUANT_OUTPUT_SUFFIX + "_1"):
+        if candidate in qdq_names:
+            return candidate
+    if tensor + QUANT_INPUT_SUFFIX in qdq_names or tensor in qdq_names:
+        return tensor
+    return None
+
+
+@dataclass
+class Activations:
+    """Per float tensor: its range on the calibration samples, and (with a QDQ model) the
+    signal-to-quantization-noise ratio, in dB, of what the QDQ model's consumers read."""
+
+    ranges: dict[str, tuple[float, float]]
+    sqnr: dict[str, float]
+
+
+def measure_activations(
+    float_path: Path, qdq_path: Path | None, data: dict, count: int, work: Path
+) -> Activations:
+    """Run the float model (and the QDQ one) with every intermediate tensor as an output on
+    ``count`` samples; accumulate ranges and noise without keeping the tensors."""
+    import numpy as np
+
+    float_session, float_saved, float_names = _session(_augmented(float_path, work / "f.onnx"))
+    qdq = None
+    if qdq_path is not None:
+        qdq_session, qdq_saved, qdq_names = _session(_augmented(qdq_path, work / "q.onnx"))
+        known = set(qdq_names)
+        read = {name: _seen_by_consumers(name, known) for name in float_names}
+        qdq = (qdq_session, qdq_saved, qdq_names, read)
+    ranges: dict[str, tuple[float, float]] = {}
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for index in range(count):
+        feeds = sample(data, index)
+        values = dict(zip(float_names, float_session.run(float_saved, feeds), strict=True))
+        for name, value in values.items():
+            if value.size == 0 or value.dtype.kind != "f":
+                continue
+            finite = value[np.isfinite(value)]
+            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            if np.isneginf(value).any():  # a -inf fill is as huge as it gets
+                low = -math.inf
+            if np.isposinf(value).any():
+                high = math.inf
+            old = ranges.get(name, (low, high))
+            ranges[name] = (min(old[0], low), max(old[1], high))
+        if qdq is None:
+            continue
+        qdq_session, qdq_saved, qdq_names, read = qdq
+        quantized = dict(zip(qdq_names, qdq_session.run(qdq_saved, feeds), strict=True))
+        for name, reference in values.items():
+            other = read.get(name)
+            if other is None or reference.dtype.kind != "f":
+                continue
+            got = quantized[other]
+            if got.shape != reference.shape:
+                continue
+            reference64 = np.nan_to_num(reference.astype(np.float64), posinf=0.0, neginf=0.0)
+            got64 = np.nan_to_num(got.astype(np.float64), posinf=0.0, neginf=0.0)
+            signal[name] = signal.get(name, 0.0) + float(np.square(reference64).sum())
+            noise[name] = noise.get(name, 0.0) + float(np.square(reference64 - got64).sum())
+    sqnr = {}
+    for name, power in signal.items():
+        if power <= 0:
+            continue
+        sqnr[name] = (
+            SQNR_CAP_DB
+            if noise[name] <= power * 10 ** (-SQNR_CAP_DB / 10)
+            else 10 * math.log10(power / noise[name])
+        )
+    return Activations(ranges, sqnr)
+
+
+def huge_constant_tensors(graph: Graph, ranges: dict[str, tuple[float, float]], limit: float):
+    """The tensors that carry a huge constant: outputs of nodes fed one (an attention mask
+    scaled by -1e9), then downstream tensors whose range stays that large (the scores with
+    the mask added)."""
+    found: list[str] = []
+    frontier = [
+        tensor
+        for node in graph.names
+        if graph.huge_constant_inputs(node, limit)
+        for tensor in graph.outputs[node]
+    ]
+    while frontier:
+        tensor = frontier.pop(0)
+        if tensor in found:
+            continue
+        found.append(tensor)
+        for consumer in graph.consumers.get(tensor, []):
+            for output in graph.outputs[consumer]:
+                low, high = ranges.get(output, (0.0, 0.0))
+                if max(abs(low), abs(high)) >= limit:
+                    frontier.append(output)
+    return found
+
+
+def head_concat_tensors(graph: Graph, ranges: dict[str, tuple[float, float]], ratio: float):
+    """Outputs of final Concats (reaching a graph output through data-movement ops only)
+    whose inputs' ranges differ by ``ratio`` or more, and the tensors on their way out."""
+    found: list[str] = []
+    for node in graph.names:
+        if graph.op_types[node] != "Concat":
+            continue
+        widths = [ranges[t][1] - ranges[t][0] for t in graph.inputs[node] if t in ranges]
+        widths = [w for w in widths if w > 0 and math.isfinite(w)]
+        if len(widths) < 2 or max(widths) / min(widths) < ratio:
+            continue
+        path = _path_to_output(graph, graph.outputs[node][0])
+        if path is not None:
+            found.extend(path)
+    return found
+
+
+def _path_to_output(graph: Graph, tensor: str) -> list[str] | None:
+    """``tensor`` and the tensors after it, if every reader on the way to a graph output
+    only moves data; None when it feeds computation."""
+    path = [tensor]
+    index = 0
+    while index < len(path):
+        current = path[index]
+        index += 1
+        for consumer in graph.consumers.get(current, []):
+            if graph.op_types[consumer] not in DATA_MOVEMENT_OPS:
+                return None
+            path.extend(graph.outputs[consumer])
+    reaches = any(t in graph.graph_outputs for t in path)
+    return path if reaches else None
+
+
+def rank_tensors(graph: Graph, sqnr: dict[str, float]) -> list[tuple[str, float]]:
+    """Tensors by the noise their producer adds: the drop in SQNR from the node's noisiest
+    input to this output (dB), worst first. A graph input's drop is its own noise."""
+    drops = []
+    for tensor, value in sqnr.items():
+        node = graph.producer.get(tensor)
+        if node is None:
+            if tensor not in graph.consumers:
+                continue
+            before = SQNR_CAP_DB
+        else:
+            before = min((sqnr[t] for t in graph.inputs[node] if t in sqnr), default=SQNR_CAP_DB)
+        drops.append((tensor, before - value))
+    drops.sort(key=lambda pair: (-pair[1], pair[0]))
+    return [(tensor, drop) for tensor, drop in drops if drop > 0.5]
+
+
+@dataclass
+class Exclusion:
+    """The nodes kept in float so far, within the pass's limit."""
+
+    limit: int
+    nodes: set[str] = field(default_factory=set)
+    tensors: list[str] = field(default_factory=list)
+
+    def add(self, graph: Graph, tensor: str) -> bool:
+        """Keep ``tensor`` in float; False (nothing changed) when over the limit or done."""
+        if tensor in self.tensors:
+            return False
+        more = graph.keep_float(tensor) - self.nodes
+        if not more or len(self.nodes) + len(more) > self.limit:
+            return False
+        self.nodes |= more
+        self.tensors.append(tensor)
+        return True
+
+
+class OnnxMixedPrecisionQuantize(Pass):
+    """Static int8 QDQ with the nodes that break the gate found and kept in float."""
+
+    name = "OnnxMixedPrecisionQuantize"
+    Config = OnnxMixedPrecisionQuantizeConfig
+    supported_providers = frozenset(
+        {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    )
+    needs_calibration = True
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        if ctx.calibration is None:
+            raise DataError("mixed-precision quantization needs --calibration FILE.npz")
+        config = self.config
+        judge = ctx.judge or _default_judge(ctx)
+        source = name_nodes(model.path, out_dir)
+        graph = load_graph(source)
+        limit = max(
+            1, min(config.max_excluded_nodes, int(len(graph.names) * config.max_excluded_fraction))
+        )
+        search = _Search(self, ctx, source, out_dir, judge)
+
+        verdict = search.try_nodes(set(), "whole graph in int8")
+        if verdict.passed:
+            return search.result()
+
+        count = min(sample_count(ctx.calibration), config.debug_samples)
+        work = out_dir / "debug"
+        work.mkdir()
+        ranges = measure_activations(source, None, ctx.calibration, count, work).ranges
+        exclusion = Exclusion(limit)
+        huge = huge_constant_tensors(graph, ranges, config.huge_constant)
+        heads = head_concat_tensors(graph, ranges, config.range_ratio)
+        for tensor in huge + heads:
+            exclusion.add(graph, tensor)
+        if exclusion.nodes:
+            what = []
+            if huge:
+                what.append(f"{len(huge)} tensors carrying huge constants")
+            if heads:
+                what.append(f"{len(heads)} head Concat tensors with mixed ranges")
+            verdict = search.try_nodes(set(exclusion.nodes), " and ".join(what) + " in float")
+            if verdict.passed:
+                return search.result()
+
+        batch = config.first_batch
+        for step in range(1, config.search_steps + 1):
+            errors = measure_activations(
+                source, search.best_path_for(exclusion.nodes), ctx.calibration, count, work
+            ).sqnr
+            added = 0
+            for tensor, _drop in rank_tensors(graph, errors):
+                if added >= batch:
+                    break
+                added += exclusion.add(graph, tensor)
+            if not added:
+                ctx.progress(
+                    f"mixed precision: search stopped at {len(exclusion.nodes)} float nodes "
+                    f"(limit {limit}, or no tensor left that adds noise)"
+                )
+                break
+            verdict = search.try_nodes(
+                set(exclusion.nodes), f"sensitivity step {step}: {added} more tensors in float"
+            )
+            if verdict.passed:
+                break
+            batch *= 2
+        return search.result()
+
+
+@dataclass
+class _Verdict:
+    path: Path
+    nodes: frozenset[str]
+    passed: bool
+    degradation: float
+
+
+class _Search:
+    """The candidates tried so far; the result is the first that passed, else the one
+    with the lowest degradation."""
+
+    def __init__(self, owner: OnnxMixedPrecisionQuantize, ctx, source: Path, out_dir: Path, judge):
+        self.owner, self.ctx, self.source, self.out_dir, self.judge = (
+            owner,
+            ctx,
+            source,
+            out_dir,
+            judge,
+        )
+        self.verdicts: list[_Verdict] = []
+
+    def try_nodes(self, nodes: set[str], what: str) -> _Verdict:
+        path = self.out_dir / f"candidate-{len(self.verdicts)}.onnx"
+        quantize_qdq(
+            self.source,
+            path,
+            self.owner.config,
+            self.ctx,
+            sorted(nodes),
+            calibration_cache=self.out_dir / "calibration-ranges.json",
+        )
+        figures = self.judge(ModelArtifact(path, "onnx", "int8"))
+        verdict = _Verdict(
+            path, frozenset(nodes), bool(figures["passed"]), float(figures["degradation"])
+        )
+        self.verdicts.append(verdict)
+        self.ctx.progress(
+            f"mixed precision: {what} ({len(nodes)} nodes in float): degradation "
+            f"{verdict.degradation:.4g}, {'passed' if verdict.passed else 'failed'}"
+        )
+        return verdict
+
+    def best_path_for(self, nodes: set[str]) -> Path:
+        for verdict in reversed(self.verdicts):
+            if verdict.nodes == nodes:
+                return verdict.path
+        return self.verdicts[-1].path
+
+    def result(self) -> PassOutput:
+        passed = [v for v in self.verdicts if v.passed]
+        best = passed[0] if passed else min(self.verdicts, key=lambda v: v.degradation)
+        return PassOutput(
+            ModelArtifact(best.path, "onnx", "int8"),
+            {
+                "excluded_nodes": sorted(best.nodes),
+                "candidates_tried": len(self.verdicts),
+                "whole_graph_degradation": self.verdicts[0].degradation,
+            },
+        )
+
+
+def _default_judge(ctx: PassContext):
+    """Outside a build (the pass run on its own): the Evaluate pass with its defaults."""
+    from .evaluate import Evaluate
+
+    gate = Evaluate()
+    return lambda artifact: gate.run(artifact, ctx)[0].metrics

@@ -32,8 +32,9 @@ from typing import Any
 
 from pydantic import Field
 
-from ..data import sample, sample_count
+from ..data import sample_count
 from ..errors import DataError
+from ..onnx_activations import SQNR_CAP_DB, measure_activations
 from .base import ModelArtifact, Pass, PassContext, PassOutput
 from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq
 
@@ -54,14 +55,6 @@ DATA_MOVEMENT_OPS = frozenset(
         "Tile",
     }
 )
-SQNR_CAP_DB = 120.0  # a tensor with no measurable noise (an exact match)
-
-# onnxruntime.quantization's names for the tensors around a QDQ pair: the producer's output
-# keeps its name and the consumer reads NAME_DequantizeLinear_Output (NAME_..._Output_1 for
-# a second pair), except for a graph output, whose producer writes NAME_QuantizeLinear_Input
-# and whose DequantizeLinear writes NAME.
-QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"
-DEQUANT_OUTPUT_SUFFIX = "_DequantizeLinear_Output"
 
 
 class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
@@ -181,121 +174,6 @@ def name_nodes(source: Path, out_dir: Path) -> Path:
     return named
 
 
-def _augmented(path: Path, out_path: Path) -> Path:
-    """``path`` with every float intermediate tensor as an extra output (ONNX Runtime's
-    qdq_loss_debug augmentation: each one flattened and saved as NAME_ReshapedSavedOutput)."""
-    import inspect
-
-    import onnx
-    from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
-
-    # ONNX Runtime 1.18 on writes the file; earlier releases return the model.
-    if (
-        "output_model_path"
-        in inspect.signature(modify_model_output_intermediate_tensors).parameters
-    ):
-        modify_model_output_intermediate_tensors(str(path), str(out_path))
-    else:
-        onnx.save(modify_model_output_intermediate_tensors(str(path)), str(out_path))
-    return out_path
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # As qdq_loss_debug's collect_activations: no fusion, so every tensor is what the graph
-    # says (QDQ pairs simulate int8 in float).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
-
-    saved = [
-        output.name
-        for output in session.get_outputs()
-        if output.name.endswith(_TENSOR_SAVE_POSTFIX)
-    ]
-    names = [name[: -len(_TENSOR_SAVE_POSTFIX)] for name in saved]
-    return session, saved, names
-
-
-def _seen_by_consumers(tensor: str, qdq_names: set[str]) -> str | None:
-    """The QDQ model's name for what ``tensor``'s consumers read (after its QDQ pair)."""
-    for candidate in (tensor + DEQUANT_OUTPUT_SUFFIX, tensor + DEQUANT_OUTPUT_SUFFIX + "_1"):
-        if candidate in qdq_names:
-            return candidate
-    if tensor + QUANT_INPUT_SUFFIX in qdq_names or tensor in qdq_names:
-        return tensor
-    return None
-
-
-@dataclass
-class Activations:
-    """Per float tensor: its range on the calibration samples, and (with a QDQ model) the
-    signal-to-quantization-noise ratio, in dB, of what the QDQ model's consumers read."""
-
-    ranges: dict[str, tuple[float, float]]
-    sqnr: dict[str, float]
-
-
-def measure_activations(
-    float_path: Path, qdq_path: Path | None, data: dict, count: int, work: Path
-) -> Activations:
-    """Run the float model (and the QDQ one) with every intermediate tensor as an output on
-    ``count`` samples; accumulate ranges and noise without keeping the tensors."""
-    import numpy as np
-
-    float_session, float_saved, float_names = _session(_augmented(float_path, work / "f.onnx"))
-    qdq = None
-    if qdq_path is not None:
-        qdq_session, qdq_saved, qdq_names = _session(_augmented(qdq_path, work / "q.onnx"))
-        known = set(qdq_names)
-        read = {name: _seen_by_consumers(name, known) for name in float_names}
-        qdq = (qdq_session, qdq_saved, qdq_names, read)
-    ranges: dict[str, tuple[float, float]] = {}
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
-    for index in range(count):
-        feeds = sample(data, index)
-        values = dict(zip(float_names, float_session.run(float_saved, feeds), strict=True))
-        for name, value in values.items():
-            if value.size == 0 or value.dtype.kind != "f":
-                continue
-            finite = value[np.isfinite(value)]
-            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-            if np.isneginf(value).any():  # a -inf fill is as huge as it gets
-                low = -math.inf
-            if np.isposinf(value).any():
-                high = math.inf
-            old = ranges.get(name, (low, high))
-            ranges[name] = (min(old[0], low), max(old[1], high))
-        if qdq is None:
-            continue
-        qdq_session, qdq_saved, qdq_names, read = qdq
-        quantized = dict(zip(qdq_names, qdq_session.run(qdq_saved, feeds), strict=True))
-        for name, reference in values.items():
-            other = read.get(name)
-            if other is None or reference.dtype.kind != "f":
-                continue
-            got = quantized[other]
-            if got.shape != reference.shape:
-                continue
-            reference64 = np.nan_to_num(reference.astype(np.float64), posinf=0.0, neginf=0.0)
-            got64 = np.nan_to_num(got.astype(np.float64), posinf=0.0, neginf=0.0)
-            signal[name] = signal.get(name, 0.0) + float(np.square(reference64).sum())
-            noise[name] = noise.get(name, 0.0) + float(np.square(reference64 - got64).sum())
-    sqnr = {}
-    for name, power in signal.items():
-        if power <= 0:
-            continue
-        sqnr[name] = (
-            SQNR_CAP_DB
-            if noise[name] <= power * 10 ** (-SQNR_CAP_DB / 10)
-            else 10 * math.log10(power / noise[name])
-        )
-    return Activations(ranges, sqnr)
-
-
 def huge_constant_tensors(graph: Graph, ranges: dict[str, tuple[float, float]], limit: float):
     """The tensors that carry a huge constant: outputs of nodes fed one (an attention mask
     scaled by -1e9), then downstream tensors whose range stays that large (the scores with
@@ -354,20 +232,23 @@ def _path_to_output(graph: Graph, tensor: str) -> list[str] | None:
 
 
 def rank_tensors(graph: Graph, sqnr: dict[str, float]) -> list[tuple[str, float]]:
-    """Tensors by the noise their producer adds: the drop in SQNR from the node's noisiest
-    input to this output (dB), worst first. A graph input's drop is its own noise."""
-    drops = []
-    for tensor, value in sqnr.items():
+    """Tensors by the quantization noise their producer adds, worst first: the rise in
+    noise-to-signal power ratio from the producer's noisiest input to this tensor (a
+    graph input's own ratio). Linear, not dB: from 120 to 40 dB is a large drop in dB
+    that no one needs to fix; from 20 to 0 dB is one that breaks the model."""
+
+    def nsr(tensor: str) -> float:
+        return 10 ** (-sqnr.get(tensor, SQNR_CAP_DB) / 10)
+
+    added = []
+    for tensor in sqnr:
         node = graph.producer.get(tensor)
-        if node is None:
-            if tensor not in graph.consumers:
-                continue
-            before = SQNR_CAP_DB
-        else:
-            before = min((sqnr[t] for t in graph.inputs[node] if t in sqnr), default=SQNR_CAP_DB)
-        drops.append((tensor, before - value))
-    drops.sort(key=lambda pair: (-pair[1], pair[0]))
-    return [(tensor, drop) for tensor, drop in drops if drop > 0.5]
+        if node is None and tensor not in graph.consumers:
+            continue
+        before = max((nsr(t) for t in graph.inputs[node]), default=0.0) if node else 0.0
+        added.append((tensor, nsr(tensor) - before))
+    added.sort(key=lambda pair: (-pair[1], pair[0]))
+    return [(tensor, value) for tensor, value in added if value > 0]
 
 
 @dataclass

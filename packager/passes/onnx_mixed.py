@@ -85,6 +85,13 @@ class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
         description="a constant with a value this large (or infinite) marks an attention-mask "
         "style addition; its node and the tensors downstream with ranges this large stay float",
     )
+    outlier_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="the search keeps a tensor in float together with the tensors after it "
+        "whose range is at least this share of its own (an outlier riding the residual stream)",
+    )
     debug_samples: int = Field(
         8, gt=0, description="calibration samples the activation ranges and errors are measured on"
     )
@@ -259,16 +266,44 @@ class Exclusion:
     nodes: set[str] = field(default_factory=set)
     tensors: list[str] = field(default_factory=list)
 
-    def add(self, graph: Graph, tensor: str) -> bool:
-        """Keep ``tensor`` in float; False (nothing changed) when over the limit or done."""
+    def add(self, graph: Graph, tensor: str, follow: list[str] | None = None) -> bool:
+        """Keep ``tensor`` (and the tensors ``follow`` names with it) in float; False
+        (nothing changed) when that would pass the limit or changes nothing."""
         if tensor in self.tensors:
             return False
-        more = graph.keep_float(tensor) - self.nodes
+        group = [tensor, *(follow or [])]
+        more = set().union(*(graph.keep_float(t) for t in group)) - self.nodes
         if not more or len(self.nodes) + len(more) > self.limit:
             return False
         self.nodes |= more
-        self.tensors.append(tensor)
+        self.tensors.extend(t for t in group if t not in self.tensors)
         return True
+
+
+def outlier_path(
+    graph: Graph, tensor: str, ranges: dict[str, tuple[float, float]], share: float
+) -> list[str]:
+    """The tensors after ``tensor`` whose range stays at least ``share`` of its own: a
+    wide range (an outlier channel) rides on through bias and residual additions until a
+    normalisation ends it, and keeping only the first tensor in float would quantize it
+    again at the next one."""
+    top = _magnitude(ranges.get(tensor))
+    if not top or not math.isfinite(top):
+        return []
+    found: list[str] = []
+    frontier = [tensor]
+    while frontier:
+        current = frontier.pop()
+        for consumer in graph.consumers.get(current, []):
+            for output in graph.outputs[consumer]:
+                if output not in found and _magnitude(ranges.get(output)) >= share * top:
+                    found.append(output)
+                    frontier.append(output)
+    return found
+
+
+def _magnitude(bounds: tuple[float, float] | None) -> float:
+    return max(abs(bounds[0]), abs(bounds[1])) if bounds else 0.0
 
 
 class OnnxMixedPrecisionQuantize(Pass):
@@ -325,7 +360,8 @@ class OnnxMixedPrecisionQuantize(Pass):
             for tensor, _drop in rank_tensors(graph, errors):
                 if added >= batch:
                     break
-                added += exclusion.add(graph, tensor)
+                follow = outlier_path(graph, tensor, ranges, config.outlier_share)
+                added += exclusion.add(graph, tensor, follow)
             if not added:
                 ctx.progress(
                     f"mixed precision: search stopped at {len(exclusion.nodes)} float nodes "

@@ -217,14 +217,14 @@ def test_head_concat_in_float_keeps_the_scores(tmp_path):
 
     def scores_judge(artifact):
         got = ort.InferenceSession(str(artifact.path)).run(None, ctx.evaluation)[0]
-        error = float(np.abs(got[:, 4:] - reference[:, 4:]).max())
-        return {"passed": error < 0.05, "degradation": error}
+        error = float(np.abs(got[:, 4:] - reference[:, 4:]).mean())
+        return {"passed": error < 0.03, "degradation": error}
 
     ctx.judge = scores_judge
     output = _run(model, ctx)
 
-    assert output.metrics["whole_graph_degradation"] > 0.3
-    assert "head_concat" in output.metrics["excluded_nodes"]
+    assert output.metrics["whole_graph_degradation"] > 0.1  # scores in steps of 300/255
+    assert output.metrics["excluded_nodes"] == ["head_concat"]
     assert scores_judge(output.artifact)["passed"]
     assert_float(output.artifact.path, output.metrics["excluded_nodes"], ("y",))
 

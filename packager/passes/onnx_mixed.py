@@ -59,7 +59,7 @@ DATA_MOVEMENT_OPS = frozenset(
 
 class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
     max_excluded_nodes: int = Field(
-        64, ge=1, description="nodes kept in float at most (heuristics and search together)"
+        128, ge=1, description="nodes kept in float at most (heuristics and search together)"
     )
     max_excluded_fraction: float = Field(
         0.5,
@@ -69,7 +69,7 @@ class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
         "float gains little from int8",
     )
     search_steps: int = Field(
-        4, ge=0, description="sensitivity-search rounds (quantize and judge) at most"
+        6, ge=0, description="sensitivity-search rounds (quantize and judge) at most"
     )
     first_batch: int = Field(
         2, ge=1, description="tensors kept in float in the first search round; doubled each round"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import re
@@ -145,16 +146,18 @@ def quantize_qdq(
         "percentile": CalibrationMethod.Percentile,
     }
     cache = {}
-    if calibration_cache is not None:
-        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
-            cache = {"calibration_cache_path": str(calibration_cache)}
-        if calibration_cache.is_file() and cache:
-            ctx.progress(f"calibration ranges from the first run ({config.calibrate_method})")
-        else:
-            ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
+    if calibration_cache is not None and (
+        "calibration_cache_path" in inspect.signature(quantize_static).parameters
+    ):
+        cache = {"calibration_cache_path": str(calibration_cache)}
+    if cache and calibration_cache.is_file():
+        ctx.progress(f"calibration: the {config.calibrate_method} ranges of the first run")
     else:
         ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
-    with _quiet_root_logger():
+    printed = io.StringIO()
+    # The histogram calibrators (percentile, entropy) print their progress on stdout,
+    # which belongs to the CLI (--json); what they say is summed up in one progress line.
+    with _quiet_root_logger(), contextlib.redirect_stdout(printed):
         quantize_static(
             str(source),
             str(output),
@@ -168,6 +171,25 @@ def quantize_qdq(
             extra_options=_default_tensor_type(),
             **cache,
         )
+    summary = _calibrator_summary(printed.getvalue())
+    if summary:
+        ctx.progress(summary)
+
+
+def _calibrator_summary(printed: str) -> str | None:
+    """e.g. "calibration: entropy thresholds for 205 tensors (2048 histogram bins)", from
+    ONNX Runtime's histogram calibrator output."""
+    method = re.search(r"using '(\w+)' algorithm", printed)
+    tensors = re.search(r"Number of tensors\s*:\s*(\d+)", printed)
+    bins = re.search(r"Number of histogram bins\s*:\s*(\d+)", printed)
+    if not method:
+        return None
+    line = f"calibration: {method[1]} thresholds"
+    if tensors:
+        line += f" for {tensors[1]} tensors"
+    if bins:
+        line += f" ({bins[1]} histogram bins)"
+    return line
 
 
 class OnnxToFloat16Config(PassConfig):

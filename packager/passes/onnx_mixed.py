@@ -85,6 +85,11 @@ class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
         description="a constant with a value this large (or infinite) marks an attention-mask "
         "style addition; its node and the tensors downstream with ranges this large stay float",
     )
+    whole_graph_first: bool = Field(
+        True,
+        description="judge the whole graph in int8 first; off when the chain has just "
+        "judged that same quantization (int8-static-qdq-per-channel)",
+    )
     outlier_share: float = Field(
         0.5,
         gt=0,
@@ -328,9 +333,12 @@ class OnnxMixedPrecisionQuantize(Pass):
         )
         search = _Search(self, ctx, source, out_dir, judge)
 
-        verdict = search.try_nodes(set(), "whole graph in int8")
-        if verdict.passed:
-            return search.result()
+        if config.whole_graph_first:
+            verdict = search.try_nodes(set(), "whole graph in int8")
+            if verdict.passed:
+                return search.result()
+        else:
+            ctx.progress("mixed precision: the whole graph in int8 was judged by the recipe before")
 
         count = min(sample_count(ctx.calibration), config.debug_samples)
         work = out_dir / "debug"
@@ -354,7 +362,7 @@ class OnnxMixedPrecisionQuantize(Pass):
         batch = config.first_batch
         for step in range(1, config.search_steps + 1):
             errors = measure_activations(
-                source, search.best_path_for(exclusion.nodes), ctx.calibration, count, work
+                source, search.quantize(exclusion.nodes), ctx.calibration, count, work
             ).sqnr
             added = 0
             for tensor, _drop in rank_tensors(graph, errors):
@@ -374,6 +382,8 @@ class OnnxMixedPrecisionQuantize(Pass):
             if verdict.passed:
                 break
             batch *= 2
+        if not search.verdicts:  # nothing to keep in float was found: the whole graph
+            search.try_nodes(set(), "whole graph in int8")
         return search.result()
 
 
@@ -398,17 +408,26 @@ class _Search:
             judge,
         )
         self.verdicts: list[_Verdict] = []
+        self.files: dict[frozenset[str], Path] = {}
+
+    def quantize(self, nodes: set[str]) -> Path:
+        """A QDQ candidate with ``nodes`` in float (the calibration ranges computed once)."""
+        key = frozenset(nodes)
+        if key not in self.files:
+            path = self.out_dir / f"candidate-{len(self.files)}.onnx"
+            quantize_qdq(
+                self.source,
+                path,
+                self.owner.config,
+                self.ctx,
+                sorted(nodes),
+                calibration_cache=self.out_dir / "calibration-ranges.json",
+            )
+            self.files[key] = path
+        return self.files[key]
 
     def try_nodes(self, nodes: set[str], what: str) -> _Verdict:
-        path = self.out_dir / f"candidate-{len(self.verdicts)}.onnx"
-        quantize_qdq(
-            self.source,
-            path,
-            self.owner.config,
-            self.ctx,
-            sorted(nodes),
-            calibration_cache=self.out_dir / "calibration-ranges.json",
-        )
+        path = self.quantize(nodes)
         figures = self.judge(ModelArtifact(path, "onnx", "int8"))
         verdict = _Verdict(
             path, frozenset(nodes), bool(figures["passed"]), float(figures["degradation"])
@@ -420,12 +439,6 @@ class _Search:
         )
         return verdict
 
-    def best_path_for(self, nodes: set[str]) -> Path:
-        for verdict in reversed(self.verdicts):
-            if verdict.nodes == nodes:
-                return verdict.path
-        return self.verdicts[-1].path
-
     def result(self) -> PassOutput:
         passed = [v for v in self.verdicts if v.passed]
         best = passed[0] if passed else min(self.verdicts, key=lambda v: v.degradation)
@@ -434,7 +447,9 @@ class _Search:
             {
                 "excluded_nodes": sorted(best.nodes),
                 "candidates_tried": len(self.verdicts),
-                "whole_graph_degradation": self.verdicts[0].degradation,
+                "whole_graph_degradation": next(
+                    (v.degradation for v in self.verdicts if not v.nodes), None
+                ),
             },
         )
 

@@ -276,9 +276,14 @@ def test_build_chooses_mixed_and_records_the_excluded_nodes(tmp_path, keypair):
         measure=False,
     )
 
-    manifest = build_bundle(config).manifest
+    lines = []
+    manifest = build_bundle(config, lines.append).manifest
 
     attempts = {attempt.recipe: attempt for attempt in manifest.quantization.attempts}
+    # The chain judged the whole graph in int8-static-qdq-per-channel; the search does not
+    # quantize and judge it again.
+    assert "mixed precision: the whole graph in int8 was judged by the recipe before" in lines
+    assert not any("whole graph in int8 (0 nodes" in line for line in lines)
     assert attempts["int8-static-qdq-per-channel"].status == "failed"
     assert manifest.quantization.chosen == "int8-static-mixed"
     chosen = attempts["int8-static-mixed"]
@@ -306,3 +311,27 @@ def test_mixed_recipe_without_calibration_is_skipped(tmp_path, keypair):
         build_bundle(config)
 
     assert "needs --calibration" in str(error.value)
+
+
+def test_a_forced_mixed_recipe_judges_the_whole_graph_first(tmp_path, keypair):
+    model = detector_head_model(tmp_path / "head.onnx")
+    np.savez(tmp_path / "calibration.npz", **gaussian_data(16, 4))
+    np.savez(tmp_path / "eval.npz", **gaussian_data(16, 5))
+    config = BuildConfig(
+        model=model,
+        profile=load_profile("x86-64-avx2"),
+        key=keypair[0],
+        output=tmp_path / "head.edgepkg",
+        calibration=tmp_path / "calibration.npz",
+        eval=tmp_path / "eval.npz",
+        recipe="int8-static-mixed",
+        max_degradation=0.5,
+        measure=False,
+    )
+    lines = []
+
+    manifest = build_bundle(config, lines.append).manifest
+
+    assert any("whole graph in int8 (0 nodes in float)" in line for line in lines)
+    [attempt] = manifest.quantization.attempts
+    assert (attempt.status, attempt.excluded_nodes) == ("passed", [])

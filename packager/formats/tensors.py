@@ -31,6 +31,9 @@ def _check_data(pipeline: FormatPipeline, settings) -> None:
             f"{pipeline.noun} build needs --eval FILE.npz (held-out inputs, one array per "
             "model input)"
         )
+    from ..metrics import check_settings  # numpy comes with the metrics, not the profiles
+
+    check_settings(settings.metric, settings.metric_plugin)
 
 
 def _load_data(settings, facts: dict[str, Any], ctx) -> None:
@@ -43,10 +46,19 @@ def _load_data(settings, facts: dict[str, Any], ctx) -> None:
     if settings.calibration is not None:
         ctx.calibration, _ = load_npz(settings.calibration, names, "calibration")
         check_data(inputs, ctx.calibration, settings.calibration)
-    if settings.task == "auto":
-        ctx.task = "classification" if ctx.labels is not None else "generic"
-    else:
-        ctx.task = settings.task
+    ctx.task = settings.task
+    _check_metric_names(settings, facts)
+
+
+def _check_metric_names(settings, facts: dict[str, Any]) -> None:
+    """--metric must name outputs (and mask inputs) the prepared model has."""
+    from ..metrics import check_names, parse_overrides
+
+    check_names(
+        parse_overrides(settings.metric),
+        [spec.name for spec in facts["outputs"]],
+        [spec.name for spec in facts["inputs"]],
+    )
 
 
 TENSOR_DATA = DataNeeds(check=_check_data, load=_load_data)
@@ -56,16 +68,78 @@ def _samples(ctx) -> int:
     return len(next(iter(ctx.evaluation.values())))
 
 
+def _gate_options(settings, profile) -> dict[str, Any]:
+    return {
+        "max_degradation": settings.max_degradation,
+        "max_degradation_given": "max_degradation" in settings.model_fields_set,
+        "task": settings.task,
+        "metric": dict(settings.metric),
+        "metric_plugin": settings.metric_plugin,
+    }
+
+
+def _gate_metric(task: str) -> str:
+    """The manifest's gate_metric: per-output metrics, the worst output decides."""
+    if task == "generic":
+        return "1 - cosine_mean"  # every output by cosine, as before per-output metrics
+    chosen = "chosen per output" if task == "auto" else f"of task {task}"
+    return f"worst output's degradation (metrics {chosen}; see quantization.outputs)"
+
+
+def _worst(metrics) -> dict[str, Any] | None:
+    rows = metrics.get("outputs") or []
+    failing = [row for row in rows if not _field(row, "passed")]
+    pool = failing or rows
+    if not pool:
+        return None
+    return max(pool, key=lambda row: _field(row, "degradation") - _field(row, "threshold"))
+
+
+def _field(row, name: str):
+    return row[name] if isinstance(row, dict) else getattr(row, name)
+
+
+def _where(row) -> str:
+    output = _field(row, "output")
+    eval_file = _field(row, "eval_file")
+    named = "the metric plugin" if output == "*" else f"output {output!r}"
+    return f"{named} ({_field(row, 'metric')}{', ' + eval_file if eval_file else ''})"
+
+
+def _reason(metrics, limit: float) -> str:
+    """Why a candidate failed: the worst output, its metric and its own threshold."""
+    worst = _worst(metrics)
+    if worst is None:
+        return f"degradation {metrics['degradation']:.4g} > {limit:.4g}"
+    return (
+        f"degradation {_field(worst, 'degradation'):.4g} > {_field(worst, 'threshold'):.4g} "
+        f"on {_where(worst)}"
+    )
+
+
+def _verdict(name: str, metrics, passed: bool) -> str:
+    worst = _worst(metrics)
+    if worst is None:
+        return f"{name}: {'passed' if passed else 'failed'} the gate"
+    word = "passed" if passed else "failed"
+    return (
+        f"{name}: {word} the gate (worst: {_where(worst)}, degradation "
+        f"{_field(worst, 'degradation'):.4g}, limit {_field(worst, 'threshold'):.4g})"
+    )
+
+
 TENSOR_GATE = Gate(
-    step=Step("Evaluate", options=lambda s, p: {"max_degradation": s.max_degradation}),
+    step=Step("Evaluate", options=_gate_options),
     threshold=lambda settings: settings.max_degradation,
-    metric=lambda task: "1 - top1_agreement" if task == "classification" else "1 - cosine_mean",
+    metric=_gate_metric,
     evaluating=lambda name, ctx: f"{name}: evaluating on {_samples(ctx)} samples",
-    verdict=lambda name, metrics, passed: f"{name}: {'passed' if passed else 'failed'} the gate",
-    reason=lambda metrics, limit: f"degradation {metrics['degradation']:.4g} > {limit:.4g}",
+    verdict=_verdict,
+    reason=_reason,
     refusal=lambda limit: (
         f"no recipe met --max-degradation {limit}",
-        "Raise the threshold, add fp32 to the profile's recipes, or check the eval data.",
+        "Raise the threshold (or one output's: --metric OUTPUT=NAME:max=V), pick a metric "
+        "that fits the output (--task, --metric; docs/quantization.md), add fp32 to the "
+        "profile's recipes, or check the eval data.",
     ),
     eval_samples=lambda metrics, ctx: _samples(ctx),
 )

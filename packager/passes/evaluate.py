@@ -1,4 +1,10 @@
-"""Evaluate: compare a candidate with the fp32 reference on the held-out eval data."""
+"""Evaluate: compare a candidate with the fp32 reference on the held-out eval data.
+
+Each output is scored by its own metric (``packager.metrics``: ``--metric``, ``--task``,
+or chosen from the output's shape and values); the candidate passes when every output
+passes, and its degradation is the worst output's. Several eval datasets: call
+``Evaluate.score`` once per dataset and ``packager.metrics.combine`` on all the rows.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,16 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from edge_runtime.selftest import cosine_rows
-
 from ..data import sample, sample_count
 from ..formats import detect_format, formats
+from ..metrics import (
+    combine,
+    load_plugin,
+    parse_overrides,
+    plan_outputs,
+    score_dataset,
+    summary_figures,
+)
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
 
@@ -35,59 +47,77 @@ def reference_outputs(ctx: PassContext) -> dict[str, np.ndarray]:
     return ctx.reference_outputs
 
 
-def compare(
-    candidate: dict[str, np.ndarray],
-    reference: dict[str, np.ndarray],
-    labels: np.ndarray | None,
-    classification: bool,
-) -> dict[str, float]:
-    """Similarity figures of ``candidate`` against ``reference`` (6 significant digits)."""
-    cosines = np.concatenate([cosine_rows(candidate[name], reference[name]) for name in reference])
-    errors = [np.abs(candidate[n].astype(np.float64) - reference[n]) for n in reference]
-    metrics = {
-        "cosine_mean": float(cosines.mean()),
-        "cosine_min": float(cosines.min()),
-        "max_abs_error": float(max(err.max() for err in errors)),
-        "mean_abs_error": float(np.mean([err.mean() for err in errors])),
-        "reference_max_abs": float(max(np.abs(ref).max() for ref in reference.values())),
-    }
-    if classification:
-        first = next(iter(reference))
-        predicted = candidate[first].reshape(len(candidate[first]), -1).argmax(axis=1)
-        expected = reference[first].reshape(len(reference[first]), -1).argmax(axis=1)
-        metrics["top1_agreement"] = float((predicted == expected).mean())
-        if labels is not None:
-            metrics["accuracy"] = float((predicted == labels).mean())
-            metrics["reference_accuracy"] = float((expected == labels).mean())
-            metrics["accuracy_drop"] = metrics["reference_accuracy"] - metrics["accuracy"]
-    return {key: float(f"{value:.6g}") for key, value in metrics.items()}
-
-
-def degradation(metrics: dict[str, float]) -> float:
-    """The gate's figure: 1 - top-1 agreement for classifiers, else 1 - mean cosine."""
-    if "top1_agreement" in metrics:
-        return float(f"{1.0 - metrics['top1_agreement']:.6g}")
-    return float(f"{1.0 - metrics['cosine_mean']:.6g}")
-
-
 class EvaluateConfig(PassConfig):
     max_degradation: float = Field(
-        0.01, ge=0, le=1, description="largest allowed degradation (see docs/profiles.md, the gate)"
+        0.01, ge=0, le=1, description="largest allowed degradation (see docs/quantization.md)"
+    )
+    max_degradation_given: bool = Field(
+        False,
+        description="--max-degradation was given: it overrides a metric's own default threshold",
+    )
+    task: str = Field("auto", description="--task: which metric each output gets")
+    metric: dict[str, str] = Field(
+        default_factory=dict, description="--metric OUTPUT=NAME overrides, by output"
+    )
+    metric_plugin: str | None = Field(
+        None, description="--metric-plugin: a user metric that judges the whole model"
     )
 
 
 class Evaluate(Pass):
-    """Runs the candidate on the eval data and reports whether it passes the gate."""
+    """Runs the candidate on the eval data and scores each output against the source's
+    (packager.metrics); it passes when every output does."""
 
     name = "Evaluate"
     Config = EvaluateConfig
     # The formats that can open a model on this host (ONNX, TFLite).
     input_formats = frozenset(n for n, p in formats().items() if p.host_session is not None)
 
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self._plugin = None
+
+    def plugin(self):
+        """(spec, function) of the metric plugin, loaded once; None without one."""
+        spec = self.config.metric_plugin
+        if spec and self._plugin is None:
+            self._plugin = (spec, load_plugin(spec))
+        return self._plugin
+
+    def score(
+        self,
+        reference: dict[str, np.ndarray],
+        candidate: dict[str, np.ndarray],
+        data: dict[str, np.ndarray],
+        labels,
+        eval_file: str | None = None,
+    ) -> tuple[list[dict], dict[str, float]]:
+        """One eval dataset's rows (OutputScore fields) and whole-model summary figures."""
+        config = self.config
+        plans = plan_outputs(
+            reference,
+            data,
+            labels,
+            task=config.task,
+            overrides=parse_overrides(config.metric),
+            plugin=config.metric_plugin is not None,
+            max_degradation=config.max_degradation,
+            threshold_given=config.max_degradation_given,
+        )
+        rows = score_dataset(
+            plans,
+            reference,
+            candidate,
+            data,
+            labels,
+            plugin=self.plugin(),
+            plugin_threshold=config.max_degradation,
+            eval_file=eval_file,
+        )
+        return rows, summary_figures(reference, candidate)
+
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         reference = reference_outputs(ctx)
         candidate = run_samples(model.path, ctx.evaluation)
-        metrics = compare(candidate, reference, ctx.labels, ctx.task == "classification")
-        metrics["degradation"] = degradation(metrics)
-        metrics["passed"] = metrics["degradation"] <= self.config.max_degradation
-        return PassOutput(model, metrics)
+        rows, summary = self.score(reference, candidate, ctx.evaluation, ctx.labels)
+        return PassOutput(model, combine(rows, [summary]))

@@ -152,17 +152,17 @@ def attempts_table(attempts, chosen: str | None):
     if any("perplexity" in attempt.metrics for attempt in attempts):
         return llm_attempts_table(attempts, chosen)
     table = Table(title="quantization attempts")
+    table.add_column("recipe", no_wrap=True)
     for column in (
-        "recipe",
         "status",
         "size MB",
-        "worst output (metric)",
+        "worst output",
+        "metric",
         "degradation",
         "limit",
         "cosine mean",
         "max abs err",
         "top-1 agree",
-        "acc drop",
         "chosen",
     ):
         table.add_column(column)
@@ -173,17 +173,21 @@ def attempts_table(attempts, chosen: str | None):
             return format(metrics[key], spec) if key in metrics else "-"
 
         worst = worst_output(attempt.outputs)
+        # With per-output scores the worst output's columns say why; else the reason does.
+        status = attempt.status
+        if attempt.reason and not worst:
+            status = f"{attempt.status}: {attempt.reason}"[:60]
         table.add_row(
             attempt.recipe,
-            attempt.status if not attempt.reason else f"{attempt.status}: {attempt.reason}"[:60],
+            status,
             f"{attempt.size_bytes / 2**20:.1f}" if attempt.size_bytes else "-",
-            f"{worst.output} ({worst.metric})" if worst else "-",
+            worst.output if worst else "-",
+            worst.metric if worst else "-",
             f"{worst.degradation:.4g}" if worst else fmt("degradation", ".4g"),
             f"{worst.threshold:.4g}" if worst else "-",
             fmt("cosine_mean", ".5f"),
             fmt("max_abs_error", ".3g"),
             fmt("top1_agreement", ".2%"),
-            fmt("accuracy_drop", ".2%"),
             "yes" if attempt.recipe == chosen else "",
         )
     return table

@@ -82,8 +82,8 @@ def _gate_metric(task: str) -> str:
     """The manifest's gate_metric: per-output metrics, the worst output decides."""
     if task == "generic":
         return "1 - cosine_mean"  # every output by cosine, as before per-output metrics
-    chosen = "chosen per output" if task == "auto" else f"of task {task}"
-    return f"worst output's degradation (metrics {chosen}; see quantization.outputs)"
+    chosen = "auto" if task == "auto" else f"task {task}"
+    return f"per-output metrics ({chosen}), worst output"
 
 
 def _worst(metrics) -> dict[str, Any] | None:
@@ -136,7 +136,7 @@ TENSOR_GATE = Gate(
     verdict=_verdict,
     reason=_reason,
     refusal=lambda limit: (
-        f"no recipe met --max-degradation {limit}",
+        f"no recipe met --max-degradation {limit} (or an output's own limit)",
         "Raise the threshold (or one output's: --metric OUTPUT=NAME:max=V), pick a metric "
         "that fits the output (--task, --metric; docs/quantization.md), add fp32 to the "
         "profile's recipes, or check the eval data.",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edge_runtime.cli import cli as runtime_cli
 from edge_runtime.summary import summary_text
 from packager.build import BuildConfig, build_bundle
 from packager.cli import cli
@@ -155,6 +156,9 @@ def test_auto_scores_each_output_and_refuses_the_crushed_scores(detector, keypai
     assert "gate       per-output metrics (auto), worst output <= 0.01 on 24 samples" in (
         shown.output
     )
+    info = CliRunner().invoke(runtime_cli, ["info", str(bundle), "--pubkey", str(keypair[1])])
+    assert info.exit_code == 0, info.output
+    assert "output     quality: relative-error, degradation 0, limit 0.01, passed" in info.output
 
 
 def test_the_detection_task_matches_detections_after_nms(detector, keypair, tmp_path):

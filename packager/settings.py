@@ -58,7 +58,8 @@ class BuildConfig(BaseModel):
         0.01,
         ge=0,
         le=1,
-        description="Gate: largest allowed 1 - mean cosine (or 1 - top-1 agreement).",
+        description="Gate: largest allowed degradation of each output (a metric's own "
+        "default yields to it when given; docs/quantization.md).",
     )
     quant: str | None = Field(
         None, description="GGUF: one llama.cpp type (e.g. Q4_K_M) instead of the chain."

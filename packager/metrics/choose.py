@@ -3,7 +3,8 @@
 ``auto`` looks at each output's reference values on the eval data:
 
 1. integer or boolean values -> ``exact``;
-2. one value per sample -> ``relative-error`` (a cosine of one value is always 1);
+2. one value per sample, or per step ([samples, steps, 1]) -> ``relative-error`` (a
+   cosine of one value is always 1);
 3. ``labels`` in the eval file and a [samples, classes] output -> ``top1``;
 4. up to ``FEW_VALUES`` values per sample -> ``relative-error``;
 5. [samples, tokens, features] with a mask input (a name holding "mask") ->
@@ -48,8 +49,8 @@ def auto_metric(output: str, reference: np.ndarray, data: Mapping[str, Any], lab
     per_sample = int(np.prod(reference.shape[1:])) if reference.ndim > 1 else 1
     if reference.dtype.kind in "biu":
         return "exact"
-    if per_sample == 1:
-        return "relative-error"
+    if per_sample == 1 or (reference.ndim > 2 and reference.shape[-1] == 1):
+        return "relative-error"  # one value per sample (or per step of a stateful model)
     if labels is not None and reference.ndim == 2:
         return "top1"
     if per_sample <= FEW_VALUES:

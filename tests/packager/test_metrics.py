@@ -95,6 +95,7 @@ def test_one_value_per_sample_off_by_0_9_fails_relative_error_though_its_cosine_
     assert figures["max_abs_error"] == pytest.approx(0.9, abs=1e-6)
     assert figures["reference_range"] == pytest.approx(1.0)
     assert auto_metric("prob", reference, {}, None) == "relative-error"
+    assert auto_metric("per_step", np.ones((4, 30, 1)), {}, None) == "relative-error"
 
 
 def test_relative_error_ignores_one_outlier_in_a_thousand_unless_asked_for_the_max():

@@ -154,7 +154,14 @@ def detection(reference, candidate, ctx: MetricContext):
         found_ref += len(ref[0])
         found_cand += len(cand[0])
         matched += matched_count(ref, cand, options["match_iou"])
-    recall = matched / found_ref if found_ref else 1.0
+    if found_ref == 0:  # nothing to keep: any candidate would "pass", which proves nothing
+        raise PackagerError(
+            f"output {ctx.output!r}: the float model finds no detection on the eval data at "
+            f"score_threshold {options['score_threshold']}, so the detection metric cannot "
+            "judge the candidate; use eval images with objects in them, or lower it: "
+            f"--metric {ctx.output}=detection:score_threshold=V"
+        )
+    recall = matched / found_ref
     precision = matched / found_cand if found_cand else 1.0
     f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
     return 1.0 - min(recall, precision), {

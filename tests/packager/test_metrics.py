@@ -298,6 +298,14 @@ def test_detection_counts_lost_and_invented_detections():
         score("detection", np.ones((2, 3)), np.ones((2, 3)))
 
 
+def test_detection_refuses_to_judge_when_the_reference_finds_nothing():
+    quiet = yolo_output(objects=0)
+
+    with pytest.raises(PackagerError, match="finds no detection on the eval data at "):
+        score("detection", quiet, quiet)
+    assert score("detection", quiet, quiet, score_threshold=0.01)[0] == 0.0
+
+
 def test_nms_suppresses_overlaps_within_a_class_only():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], float)
     scores = np.array([0.9, 0.8, 0.7, 0.6])

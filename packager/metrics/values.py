@@ -21,6 +21,9 @@ GROUP_RATIO = 20.0
 # A channel below this fraction of the largest one counts as (nearly) zero: it joins the
 # smallest group instead of opening a gap of its own (dead features, a rare class).
 ZERO_SCALE = 1e-4
+# Groups must keep their order in this share of the samples to count as different
+# quantities rather than places where some samples happen to be large.
+CONSISTENT_SHARE = 0.9
 
 
 def cosine_rows(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -206,15 +209,31 @@ def channel_groups(scales: np.ndarray, ratio: float) -> list[np.ndarray]:
     return groups
 
 
+def consistent_groups(reference: np.ndarray, axis: int, groups: list[np.ndarray]) -> bool:
+    """Whether the groups are the same quantities in (nearly) every sample: in at least
+    ``CONSISTENT_SHARE`` of the samples each group's smallest channel still exceeds the
+    next group's largest. Box coordinates beside class scores are; the rows of a text
+    map, large where a sample happens to have text, are not."""
+    moved = np.moveaxis(np.abs(reference.astype(np.float64)), axis, 1)
+    per_sample = moved.reshape(moved.shape[0], moved.shape[1], -1).max(axis=2)
+    for larger, smaller in zip(groups, groups[1:], strict=False):
+        above = per_sample[:, larger].min(axis=1) > per_sample[:, smaller].max(axis=1)
+        if above.mean() < CONSISTENT_SHARE:
+            return False
+    return True
+
+
 def widest_gap_axis(reference: np.ndarray, ratio: float = GROUP_RATIO) -> int | None:
     """The axis (not the samples') along which channels fall into more than one magnitude
-    group, preferring the one with the fewest channels; None when there is none."""
+    group, the same way in nearly every sample, preferring the one with the fewest
+    channels; None when there is none."""
     best = None
     for axis in range(1, reference.ndim):
         size = reference.shape[axis]
         if size < 2 or reference.size == 0 or (best is not None and size >= reference.shape[best]):
             continue
-        if len(channel_groups(channel_scales(reference, axis), ratio)) > 1:
+        groups = channel_groups(channel_scales(reference, axis), ratio)
+        if len(groups) > 1 and consistent_groups(reference, axis, groups):
             best = axis
     return best
 

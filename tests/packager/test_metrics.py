@@ -253,6 +253,17 @@ def test_channel_groups_are_found_where_magnitudes_jump():
     assert auto_metric("features", RNG.normal(size=(4, 32)), {}, None) == "cosine"
 
 
+def test_a_probability_map_is_not_taken_for_concatenated_quantities():
+    """The rows of a text map are large where a sample has text: that varies by sample,
+    so the gaps between its rows' magnitudes are not channel groups."""
+    maps = np.full((6, 1, 32, 32), 0.001)
+    for sample in range(6):
+        maps[sample, 0, 4 * sample : 4 * sample + 3, 4 * sample : 4 * sample + 9] = 0.95
+
+    assert channel_groups(channel_scales(maps, 2), GROUP_RATIO)[0].size < 32  # a gap...
+    assert auto_metric("maps", maps, {}, None) == "cosine"  # ...but not a consistent one
+
+
 def test_crushed_scores_fail_channel_groups_and_detection_though_the_whole_cosine_is_1():
     reference = yolo_output()
     crushed = int8_with_one_scale(reference)

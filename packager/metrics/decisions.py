@@ -13,22 +13,20 @@ from .values import find_mask
 
 
 def _class_axis(reference: np.ndarray, axis: int, output: str, metric: str) -> int:
-    if (
-        reference.ndim < 2
-        or not -reference.ndim < axis < reference.ndim
-        or axis % reference.ndim == 0
-    ):
+    """``axis`` as a positive index; PackagerError unless it is a class axis with two
+    classes or more (any axis but the samples')."""
+    position = axis % reference.ndim if -reference.ndim <= axis < reference.ndim else 0
+    if reference.ndim < 2 or position == 0:
         raise PackagerError(
             f"output {output!r} has shape {list(reference.shape)}; {metric} needs a class "
             f"axis other than the samples' (axis={axis})"
         )
-    axis %= reference.ndim
-    if reference.shape[axis] < 2:
+    if reference.shape[position] < 2:
         raise PackagerError(
-            f"output {output!r} has one value on axis {axis}; {metric} needs two classes or "
-            "more (relative-error suits one value per sample)"
+            f"output {output!r} has one value on axis {position}; {metric} needs two classes "
+            "or more (relative-error suits one value per sample)"
         )
-    return axis
+    return position
 
 
 @register(

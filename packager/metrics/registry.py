@@ -137,9 +137,14 @@ class MetricSpec:
         return self.name + (":" + ",".join(given) if given else "")
 
 
+KIND_WORDS = {int: "an integer", float: "a number", str: "text"}
+
+
 def _convert(default: Any, value: str, where: str, key: str) -> Any:
     kind = type(default)
     try:
         return kind(value.strip())
     except ValueError:
-        raise PackagerError(f"{where}: option {key}={value!r} must be a {kind.__name__}") from None
+        raise PackagerError(
+            f"{where}: option {key}={value!r} must be {KIND_WORDS.get(kind, kind.__name__)}"
+        ) from None

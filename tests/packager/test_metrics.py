@@ -186,6 +186,8 @@ def test_top1_on_a_declared_axis():
     assert on_axis_1 == pytest.approx(1 / 15)
     with pytest.raises(PackagerError, match="one value on axis 1"):
         score("top1", np.ones((3, 1)), np.ones((3, 1)))
+    with pytest.raises(PackagerError, match="needs a class axis other than the samples'"):
+        score("top1", reference, candidate, axis=3)
 
 
 def test_sequence_counts_steps_and_whole_sequences():
@@ -373,7 +375,8 @@ def test_metric_overrides_parse_with_options_and_their_own_threshold():
     [
         ("cosinus", "unknown metric 'cosinus'; known metrics: channel-groups, cosine, "),
         ("dense:thresh=0.2", "metric 'dense' takes options max, threshold"),
-        ("dense:threshold=high", "option threshold='high' must be a float"),
+        ("dense:threshold=high", "option threshold='high' must be a number"),
+        ("top1:axis=1.5", "option axis='1.5' must be an integer"),
         ("top1:max=2", "max=2 must be between 0 and 1"),
     ],
 )

@@ -9,30 +9,36 @@ from pydantic import Field
 
 from edge_runtime.selftest import cosine_rows
 
-from ..data import sample, sample_count
+from ..data import DataSet, plain_dataset
 from ..formats import detect_format, formats
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
 
-def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run every sample one at a time on the host CPU; stack the outputs.
+def run_dataset(model_path: Path, dataset: DataSet) -> dict[str, np.ndarray]:
+    """Run every sample of ``dataset`` on the host CPU, one at a time, fed as its feeder
+    says (batch axes, constants, carried state); outputs with one row per sample.
 
     The model's format (from its suffix) opens it, through the session class its device
     backend uses (``OnnxSession``, ``TfliteSession``).
     """
-    run = detect_format(model_path).host_session(model_path).run
-    collected: dict[str, list[np.ndarray]] = {}
-    for index in range(sample_count(data)):
-        for name, value in run(sample(data, index)).items():
-            collected.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in collected.items()}
+    return dataset.run(detect_format(model_path).host_session(model_path).run)
 
 
-def reference_outputs(ctx: PassContext) -> dict[str, np.ndarray]:
-    """fp32 outputs of the source model on the eval data, computed once per build."""
-    if ctx.reference_outputs is None:
-        ctx.reference_outputs = run_samples(ctx.source, ctx.evaluation)
-    return ctx.reference_outputs
+def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run every sample of plain arrays (batch of one on axis 0); stack the outputs."""
+    return run_dataset(model_path, plain_dataset(data))
+
+
+def reference_outputs(ctx: PassContext, dataset: DataSet | None = None) -> dict[str, np.ndarray]:
+    """fp32 outputs of the source model on one eval file (default: the first), computed
+    once per build."""
+    sets = ctx.eval_sets
+    dataset = dataset or sets[0]
+    if dataset.reference is None:
+        dataset.reference = run_dataset(ctx.source, dataset)
+    if dataset is sets[0]:
+        ctx.reference_outputs = dataset.reference
+    return dataset.reference
 
 
 def compare(
@@ -85,9 +91,18 @@ class Evaluate(Pass):
     input_formats = frozenset(n for n, p in formats().items() if p.host_session is not None)
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
-        reference = reference_outputs(ctx)
-        candidate = run_samples(model.path, ctx.evaluation)
-        metrics = compare(candidate, reference, ctx.labels, ctx.task == "classification")
-        metrics["degradation"] = degradation(metrics)
+        # Each eval file (one per resolution) is scored; the gate takes the worst.
+        scored = []
+        for dataset in ctx.eval_sets:
+            reference = reference_outputs(ctx, dataset)
+            candidate = run_dataset(model.path, dataset)
+            figures = compare(candidate, reference, dataset.labels, ctx.task == "classification")
+            figures["degradation"] = degradation(figures)
+            scored.append((dataset, figures))
+        metrics = dict(max(scored, key=lambda item: item[1]["degradation"])[1])
+        if len(scored) > 1:
+            for dataset, figures in scored:
+                metrics[f"degradation[{dataset.path.name}]"] = figures["degradation"]
+                ctx.progress(f"  {dataset.path.name}: degradation {figures['degradation']:.4g}")
         metrics["passed"] = metrics["degradation"] <= self.config.max_degradation
         return PassOutput(model, metrics)

@@ -168,7 +168,7 @@ def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
         )
     _same_counts(arrays, labels, path, what)
     if feeder.sequential:
-        _check_steps(arrays, required, path, what)
+        _check_steps(arrays, feeder, path, what)
     dataset = DataSet(path, arrays, labels, feeder)
     try:
         check_inputs(feeder.inputs, dataset.first_feed())
@@ -181,16 +181,20 @@ def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
     return dataset
 
 
-def _check_steps(arrays: dict[str, np.ndarray], names: list[str], path: Path, what: str) -> None:
-    """A stateful model's samples are sequences: [samples, steps, ...] for every data input."""
+def _check_steps(arrays: dict[str, np.ndarray], feeder: Feeder, path: Path, what: str) -> None:
+    """A stateful model's samples are sequences: [samples, steps, ...] for every data input
+    (the input's own axes after the step axis, its batch axis left out)."""
+    ranks = {spec.name: len(spec.shape) for spec in feeder.inputs}
     steps = {}
-    for name in names:
-        if arrays[name].ndim < 2:
+    for name in feeder.data_inputs:
+        shape = list(arrays[name].shape)
+        if len(shape) != ranks[name] + 1:
             raise DataError(
                 f"{what} file {path}: with --state each sample is a sequence, so array "
-                f"{name!r} needs [samples, steps, ...]; it has shape {list(arrays[name].shape)}"
+                f"{name!r} needs [samples, steps, ...] ({ranks[name] + 1} axes: the input's "
+                f"own, its batch axis replaced by samples, then steps); it has shape {shape}"
             )
-        steps[name] = arrays[name].shape[1]
+        steps[name] = shape[1]
     if len(set(steps.values())) > 1 or 0 in steps.values():
         raise DataError(
             f"{what} file {path}: with --state the arrays need the same, non-zero step count "

@@ -42,6 +42,16 @@ def _check_data(pipeline: FormatPipeline, settings) -> None:
                     f"{what} file {path}: {pipeline.noun} build takes .npz files (np.savez, "
                     "one array per model input, samples first)"
                 )
+    if (settings.batch_axis or settings.constant or settings.state) and pipeline.signature:
+        from ..feeding import feeding_spec
+
+        try:
+            inputs, outputs = pipeline.signature(settings.model)
+        except (TypeError, AttributeError, ImportError, NameError):
+            raise  # a bug in edgepack, not a model the check could not read
+        except Exception:  # noqa: BLE001 - the validating step says what is wrong with it
+            return
+        feeding_spec(settings, inputs, outputs)
 
 
 def _load_data(settings, facts: dict[str, Any], ctx) -> None:

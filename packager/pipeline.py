@@ -260,9 +260,10 @@ def _try_recipe(
         progress(f"{recipe.name}: error: {exc}")
         return Attempt(recipe=recipe.name, status="error", reason=str(exc)[:500]), None, []
     passed = bool(metrics.pop("passed"))
-    outputs = metrics.pop("outputs", [])  # per-output scores (OutputScore fields)
+    # The gate's words may name the worst output, so they see the per-output scores.
     reason = None if passed else gate.reason(metrics, gate.threshold(settings))
     progress(gate.verdict(recipe.name, metrics, passed))
+    outputs = metrics.pop("outputs", [])  # per-output scores (OutputScore fields)
     speed = None
     if passed and candidate.precision != "fp32" and _times_candidates(plan, settings, ctx):
         speed = _speed_check(plan, ctx, recipe, candidate, prepared)
@@ -286,19 +287,22 @@ def _try_recipe(
 def _times_candidates(plan: Plan, settings: BuildConfig, ctx: PassContext) -> bool:
     """Whether quantized candidates are timed against float: the format opens models on
     this host, and the build measures (``--no-measure`` builds time nothing, so that two
-    of them give the same bytes)."""
-    return settings.measure and plan.pipeline.host_session is not None and bool(ctx.evaluation)
+    of them give the same bytes) with the speed check on (``--no-speed-check``)."""
+    return (
+        settings.measure
+        and settings.speed_check
+        and plan.pipeline.host_session is not None
+        and bool(ctx.evaluation)
+    )
 
 
 def _speed_check(
     plan: Plan, ctx: PassContext, recipe: Recipe, candidate: ModelArtifact, prepared: ModelArtifact
 ) -> SpeedCheck:
-    from .data import sample
-
     ctx.progress(f"{recipe.name}: timing against fp32 on this host, side by side")
-    speed = speed_check(
-        plan.pipeline, ctx.profile, candidate.path, prepared.path, sample(ctx.evaluation, 0)
-    )
+    # The first eval sample as the model takes it (batch axes, constants, state).
+    inputs = ctx.eval_sets[0].first_feed()
+    speed = speed_check(plan.pipeline, ctx.profile, candidate.path, prepared.path, inputs)
     where = "" if speed.representative else f" (not representative of {ctx.profile.arch.value})"
     ctx.progress(f"{recipe.name}: {speed.ratio:.2f}x the speed of fp32 on this host{where}")
     return speed

@@ -32,7 +32,6 @@ from typing import Any
 
 from pydantic import Field
 
-from ..data import sample_count
 from ..errors import DataError
 from ..onnx_activations import SQNR_CAP_DB, measure_activations
 from .base import ModelArtifact, Pass, PassContext, PassOutput
@@ -340,10 +339,11 @@ class OnnxMixedPrecisionQuantize(Pass):
         else:
             ctx.progress("mixed precision: the whole graph in int8 was judged by the recipe before")
 
-        count = min(sample_count(ctx.calibration), config.debug_samples)
+        # Fed as the model is (batch axes, constants, carried state), as calibration is.
+        samples = ctx.calibration_feeds(config.debug_samples)
         work = out_dir / "debug"
         work.mkdir()
-        ranges = measure_activations(source, None, ctx.calibration, count, work).ranges
+        ranges = measure_activations(source, None, samples, work).ranges
         exclusion = Exclusion(limit)
         huge = huge_constant_tensors(graph, ranges, config.huge_constant)
         heads = head_concat_tensors(graph, ranges, config.range_ratio)
@@ -362,7 +362,7 @@ class OnnxMixedPrecisionQuantize(Pass):
         batch = config.first_batch
         for step in range(1, config.search_steps + 1):
             errors = measure_activations(
-                source, search.quantize(exclusion.nodes), ctx.calibration, count, work
+                source, search.quantize(exclusion.nodes), samples, work
             ).sqnr
             added = 0
             for tensor, _drop in rank_tensors(graph, errors):

@@ -13,7 +13,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..data import sample, sample_count
 from ..errors import DataError
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
@@ -127,19 +126,6 @@ def quantize_qdq(
 
     if ctx.calibration is None:
         raise DataError("static quantization needs --calibration FILE.npz")
-    data = ctx.calibration
-    count = min(sample_count(data), config.max_samples)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.index = 0
-
-        def get_next(self):
-            if self.index >= count:
-                return None
-            self.index += 1
-            return sample(data, self.index - 1)
-
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -150,10 +136,25 @@ def quantize_qdq(
         "calibration_cache_path" in inspect.signature(quantize_static).parameters
     ):
         cache = {"calibration_cache_path": str(calibration_cache)}
+    reader = None
     if cache and calibration_cache.is_file():
         ctx.progress(f"calibration: the {config.calibrate_method} ranges of the first run")
     else:
-        ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
+        # Every --calibration file, fed as the model is (batch axes, constants, state).
+        feeds = ctx.calibration_feeds(config.max_samples)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.index = 0
+
+            def get_next(self):
+                if self.index >= len(feeds):
+                    return None
+                self.index += 1
+                return feeds[self.index - 1]
+
+        reader = Reader()
+        ctx.progress(f"calibrating on {len(feeds)} samples ({config.calibrate_method})")
     printed = io.StringIO()
     # The histogram calibrators (percentile, entropy) print their progress on stdout,
     # which belongs to the CLI (--json); what they say is summed up in one progress line.
@@ -161,7 +162,7 @@ def quantize_qdq(
         quantize_static(
             str(source),
             str(output),
-            Reader(),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=config.per_channel,
             activation_type=_quant_type(config.activation_type),

@@ -153,6 +153,22 @@ def test_no_measure_builds_time_nothing(mlp, keypair, tmp_path):
     assert (attempt.status, attempt.speed) == ("passed", None)
 
 
+@x86_only
+def test_the_speed_check_can_be_turned_off(mlp, keypair, tmp_path):
+    result = _build(
+        mlp,
+        keypair,
+        tmp_path / "b.edgepkg",
+        load_profile("x86-64-avx2"),
+        recipe="int8-dynamic-per-channel",
+        speed_check=False,
+    )
+
+    [attempt] = result.manifest.quantization.attempts
+    assert (attempt.status, attempt.speed) == ("passed", None)
+    assert result.manifest.measurements is not None  # the chosen model is still measured
+
+
 @pytest.mark.parametrize(
     "profile_arch, host, expected",
     [

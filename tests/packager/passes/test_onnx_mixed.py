@@ -200,7 +200,9 @@ def test_mask_addition_is_kept_in_float_and_passes(tmp_path):
 def test_head_concat_with_mixed_ranges_is_found(tmp_path):
     model = detector_head_model(tmp_path / "head.onnx")
     graph = load_graph(model)
-    ranges = measure_activations(model, None, gaussian_data(16, 3), 16, tmp_path).ranges
+    data = gaussian_data(16, 3)
+    feeds = [{"x": data["x"][i : i + 1]} for i in range(16)]
+    ranges = measure_activations(model, None, feeds, tmp_path).ranges
 
     assert ranges["boxes"][1] > 50 * ranges["scores"][1]
     assert head_concat_tensors(graph, ranges, 20.0) == ["y"]

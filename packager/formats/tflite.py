@@ -66,11 +66,15 @@ def backend_spec(profile) -> TfliteBackendSpec:
     )
 
 
-def host_session(path: Path, threads: int | None = None) -> TfliteSession:
-    """The model on this host (every core unless ``threads`` is given), XNNPACK on."""
+def host_session(
+    path: Path, threads: int | None = None, backend: TfliteBackendSpec | None = None
+) -> TfliteSession:
+    """The model on this host (every core unless ``threads`` is given), XNNPACK on unless
+    ``backend`` (the profile's spec, for the speed check) turns it off."""
     from edge_runtime.backends.tflite import TfliteSession
 
-    return TfliteSession(path, threads or os.cpu_count() or 1, True)
+    xnnpack = backend.xnnpack if backend is not None else True
+    return TfliteSession(path, threads or os.cpu_count() or 1, xnnpack)
 
 
 def signature(path: Path) -> tuple[list, list]:

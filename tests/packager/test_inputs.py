@@ -143,9 +143,13 @@ def test_a_stateful_model_builds_and_runs_with_batch_axis_constant_and_state(
         recipe="int8-static-qdq-per-channel",
         max_degradation=0.2,
         measure=True,
+        # An arm64 profile: int8 of so tiny a model is slower than float on an x86 host,
+        # which the speed check refuses only where the host stands for the device.
+        profile=load_profile("raspberry-pi-4"),
     )
 
     result = build_bundle(settings)
+    assert result.manifest.quantization.attempts[-1].speed.representative is False
 
     manifest = result.manifest
     assert manifest.feeding == FeedingSpec(

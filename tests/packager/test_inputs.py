@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_runtime.cli import cli as runtime_cli
 from edge_runtime.eval_inputs import run_samples
 from edge_runtime.feeding import Feeder
-from edge_runtime.manifest import FeedingSpec
+from edge_runtime.manifest import FeedingSpec, Manifest
 from edge_runtime.runtime import Runtime
 from packager.build import BuildConfig, build_bundle
 from packager.data import load_dataset
@@ -475,3 +475,22 @@ def test_silero_vad_builds_without_a_wrapper_graph(keypair, tmp_path):
     # the task-level check: the same speech decisions as the float model, chunk by chunk
     assert np.mean((probabilities > 0.5) == (expected > 0.5)) >= 0.95
     assert np.abs(probabilities - expected).max() <= 0.1
+
+
+def test_a_caller_may_still_give_a_constant_input_and_the_manifest_checks_its_names(
+    model, keypair, tmp_path, data
+):
+    bundle = build_bundle(config(model, keypair, tmp_path, data, recipe="fp32")).bundle
+    step = np.load(data["eval"])["input"][:1, 0]  # [1, 4]: the first step of one sample
+    state = np.zeros((2, 1, 3), np.float32)
+
+    with Runtime.open(bundle, keypair[1]) as runtime:
+        recorded = runtime.run({"input": step, "state": state})["output"]
+        given = runtime.run({"input": step, "state": state, "sr": np.array(16000)})["output"]
+        manifest = runtime.manifest
+
+    np.testing.assert_allclose(recorded[0], numpy_outputs(step[:, None], sr=8000)[0, 0], atol=1e-5)
+    np.testing.assert_allclose(given[0], numpy_outputs(step[:, None], sr=16000)[0, 0], atol=1e-5)
+    wrong = manifest.feeding.model_copy(update={"state": {"state": "hidden"}})
+    with pytest.raises(ValueError, match="feeding names output 'hidden'"):
+        Manifest.model_validate({**manifest.model_dump(), "feeding": wrong.model_dump()})

@@ -494,3 +494,15 @@ def test_a_caller_may_still_give_a_constant_input_and_the_manifest_checks_its_na
     wrong = manifest.feeding.model_copy(update={"state": {"state": "hidden"}})
     with pytest.raises(ValueError, match="feeding names output 'hidden'"):
         Manifest.model_validate({**manifest.model_dump(), "feeding": wrong.model_dump()})
+
+
+def test_inspect_shows_how_the_model_is_fed(model, keypair, tmp_path, data):
+    from edge_runtime.summary import summary_text
+
+    manifest = build_bundle(config(model, keypair, tmp_path, data, recipe="fp32")).manifest
+
+    text = summary_text(manifest)
+
+    assert (
+        "feeding    sr = 8000 (constant); state: batch axis 1; state <- stateN (per step)" in text
+    )

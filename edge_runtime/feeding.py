@@ -109,6 +109,39 @@ class Feeder:
             return 1
         return int(arrays[self.data_inputs[0]].shape[1])
 
+    def check_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse data arrays of the wrong rank, or sequences of differing step counts.
+
+        Raises:
+            InputSignatureError: an array without the sample (and, for a stateful model,
+                step) axis, or with a different number of steps than the others.
+        """
+        ranks = {spec.name: len(spec.shape) for spec in self.inputs}
+        steps = {}
+        for name in self.data_inputs:
+            if name not in arrays:
+                continue
+            shape, rank = list(np.shape(arrays[name])), ranks[name]
+            if self.sequential and len(shape) != rank + 1:
+                raise InputSignatureError(
+                    f"each sample is a sequence (the model carries a state across steps), so "
+                    f"array {name!r} needs [samples, steps, ...]: {rank + 1} axes, the "
+                    f"input's own with its batch axis replaced by samples, then steps; it has "
+                    f"shape {shape}"
+                )
+            if not self.sequential and len(shape) != rank:
+                raise InputSignatureError(
+                    f"array {name!r} needs [samples, ...]: {rank} axes, the input's own with "
+                    f"its batch axis replaced by samples; it has shape {shape}"
+                )
+            if self.sequential:
+                steps[name] = shape[1]
+        if len(set(steps.values())) > 1 or 0 in steps.values():
+            raise InputSignatureError(
+                f"each sample is a sequence: the arrays need the same, non-zero step count "
+                f"(axis 1); got {steps}"
+            )
+
     def feed(
         self,
         arrays: Mapping[str, np.ndarray],

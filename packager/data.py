@@ -10,7 +10,6 @@ gate on. A build may take several files (one per resolution of a dynamic-shape m
 from __future__ import annotations
 
 import io
-import math
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,8 +188,10 @@ def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
             f"optional '{LABELS_KEY}'{extra}); missing {missing}, unknown {unknown}"
         )
     _same_counts(arrays, labels, path, what)
-    if feeder.sequential:
-        _check_steps(arrays, feeder, path, what)
+    try:
+        feeder.check_arrays(arrays)
+    except InputSignatureError as exc:
+        raise DataError(f"{what} file {path}: {exc}") from None
     dataset = DataSet(path, arrays, labels, feeder)
     try:
         check_inputs(feeder.inputs, dataset.first_feed())
@@ -203,27 +204,6 @@ def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
     return dataset
 
 
-def _check_steps(arrays: dict[str, np.ndarray], feeder: Feeder, path: Path, what: str) -> None:
-    """A stateful model's samples are sequences: [samples, steps, ...] for every data input
-    (the input's own axes after the step axis, its batch axis left out)."""
-    ranks = {spec.name: len(spec.shape) for spec in feeder.inputs}
-    steps = {}
-    for name in feeder.data_inputs:
-        shape = list(arrays[name].shape)
-        if len(shape) != ranks[name] + 1:
-            raise DataError(
-                f"{what} file {path}: with --state each sample is a sequence, so array "
-                f"{name!r} needs [samples, steps, ...] ({ranks[name] + 1} axes: the input's "
-                f"own, its batch axis replaced by samples, then steps); it has shape {shape}"
-            )
-        steps[name] = shape[1]
-    if len(set(steps.values())) > 1 or 0 in steps.values():
-        raise DataError(
-            f"{what} file {path}: with --state the arrays need the same, non-zero step count "
-            f"(axis 1); got {steps}"
-        )
-
-
 def calibration_feeds(
     datasets: list[DataSet], limit: int | None = None, run: Run | None = None
 ) -> list[dict[str, np.ndarray]]:
@@ -232,9 +212,7 @@ def calibration_feeds(
     ``run``, e.g. the float model's)."""
     if not datasets:
         return []
-    share = None if limit is None else max(1, math.ceil(limit / len(datasets)))
-    if limit is not None and share * len(datasets) > limit:
-        share = max(1, limit // len(datasets))
+    share = None if limit is None else max(1, limit // len(datasets))
     return [feed for dataset in datasets for feed in dataset.feeds(run, share)]
 
 

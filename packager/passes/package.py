@@ -34,11 +34,11 @@ from edge_runtime.manifest import (
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
 from ..bundle_writer import write_bundle
-from ..data import save_npz_deterministic, step_rows
+from ..data import save_npz_deterministic
 from ..formats import formats, get_format
 from ..keys import load_private_key
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
-from .evaluate import reference_outputs
+from .evaluate import reference_outputs, run_dataset
 
 SELFTEST_MEMBER = "selftest/vectors.npz"
 _BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
@@ -193,8 +193,8 @@ class Package(Pass):
             inputs = {name: value[:count] for name, value in dataset.arrays.items()}
             references = {name: value[:count] for name, value in reference_outputs(ctx).items()}
         else:
-            inputs, references = step_rows(dataset, ctx.source_run(), self.config.selftest_vectors)
-            count = len(next(iter(references.values())))
+            rows = dataset.steps_as_samples(ctx.source_run(), self.config.selftest_vectors)
+            inputs, references, count = rows.arrays, run_dataset(ctx.source, rows), rows.samples
         vectors = {f"{INPUT_PREFIX}{k}": v for k, v in inputs.items()}
         for name, value in references.items():
             vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value)

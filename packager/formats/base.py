@@ -191,6 +191,10 @@ class FormatPipeline:
     tool_distributions: tuple[str, ...]
     # Opens the model on this host for the evaluate pass: path -> object with ``run``.
     host_session: Callable[[Path], Any] | None = None
+    # Opens it through a second kernel path of the same engine (ONNX Runtime without graph
+    # fusions, LiteRT without XNNPACK): how far that moves the outputs widens the
+    # self-test bounds (packager/passes/selftest_vectors.py).
+    kernel_check: Callable[[Path], Any] | None = None
     # Counts a model file's weight tensors by type: a quantizing recipe must have raised
     # the count of its precision, and the manifest's precision is read from the file.
     weights: Callable[[Path], WeightCensus] | None = None

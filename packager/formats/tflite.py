@@ -73,6 +73,13 @@ def host_session(path: Path, threads: int | None = None) -> TfliteSession:
     return TfliteSession(path, threads or os.cpu_count() or 1, True)
 
 
+def reference_kernels(path: Path) -> TfliteSession:
+    """The model on LiteRT's built-in kernels, XNNPACK off (for the self-test bounds)."""
+    from edge_runtime.backends.tflite import TfliteSession
+
+    return TfliteSession(path, os.cpu_count() or 1, False)
+
+
 def weight_counts(path: Path) -> dict[str, int]:
     """Constant tensors (those with data in a buffer) by type, from the flatbuffer."""
     from edge_runtime.tflite_file import check_tflite
@@ -118,6 +125,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
+    kernel_check=reference_kernels,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
 )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from pydantic import Field
 
 from edge_runtime.bundle import sha256_file
@@ -30,14 +29,13 @@ from edge_runtime.manifest import (
     TokenSelfTestSpec,
     WheelhouseSpec,
 )
-from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
 from ..bundle_writer import write_bundle
-from ..data import save_npz_deterministic
 from ..formats import formats, get_format
 from ..keys import load_private_key
-from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
-from .evaluate import reference_outputs
+from .base import PROGRAMMING_ERRORS, ModelArtifact, Pass, PassConfig, PassContext, PassOutput
+from .evaluate import run_samples
+from .selftest_vectors import choose_vectors, margin_for, write_vectors
 
 SELFTEST_MEMBER = "selftest/vectors.npz"
 _BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
@@ -72,31 +70,18 @@ class PackageRequest:
     digests: dict[Path, str] = field(default_factory=dict)
 
 
-def _round_up(value: float, digits: int = 3) -> float:
-    if value <= 0:
-        return value
-    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
-    # round() first, so float noise (0.04000000000000036) does not bump the last digit
-    return math.ceil(round(value * scale, 6)) / scale
-
-
-def selftest_tolerance(metrics: dict[str, float]) -> tuple[float, float]:
-    """Tolerances for the device self-test, from what the eval data showed on the host.
-
-    Twice the worst error seen on the eval set leaves room for other CPUs' kernels
-    (e.g. ARM int8 paths) without letting a broken runtime pass. A floor relative to
-    the output scale covers fp32 recipes, whose host error is ~0.
-    """
-    floor = 1e-4 * max(1.0, metrics["reference_max_abs"])
-    atol = _round_up(max(2 * metrics["max_abs_error"], floor))
-    min_cosine = 1.0 - _round_up(max(2 * (1.0 - metrics["cosine_min"]), 1e-5))
-    return atol, round(min_cosine, 9)
-
-
 class PackageConfig(PassConfig):
-    selftest_vectors: int = Field(
-        4, ge=1, le=64, description="eval samples kept as self-test vectors"
+    selftest_vectors: int | None = Field(
+        None,
+        ge=1,
+        description="eval samples kept as self-test vectors (None: as many as fit the "
+        "budget, 10% of the model or 1 MiB, at most 8)",
     )
+
+
+def package_options(settings, profile) -> dict[str, Any]:
+    """The Package pass's config from the build settings (``--selftest-vectors``)."""
+    return {"selftest_vectors": settings.selftest_vectors}
 
 
 class Package(Pass):
@@ -115,7 +100,7 @@ class Package(Pass):
         roles = {model_member: FileRole.MODEL}
         selftest = request.selftest
         if selftest is None:
-            sources[SELFTEST_MEMBER] = self._write_vectors(out_dir, ctx)
+            selftest, sources[SELFTEST_MEMBER] = self._write_vectors(model, out_dir, ctx)
             roles[SELFTEST_MEMBER] = FileRole.SELFTEST
         files = [
             FileEntry(
@@ -128,12 +113,6 @@ class Package(Pass):
         ]
         profile = ctx.profile
         model_digest = next(entry.sha256 for entry in files if entry.path == model_member)
-        if selftest is None:
-            atol, min_cosine = selftest_tolerance(request.chosen_metrics)
-            count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
-            selftest = SelfTestSpec(
-                path=SELFTEST_MEMBER, count=count, atol=atol, min_cosine=min_cosine
-            )
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             bundle_id=str(
@@ -181,12 +160,45 @@ class Package(Pass):
             ModelArtifact(request.output, "edgepkg", model.precision), {"manifest": manifest}
         )
 
-    def _write_vectors(self, out_dir: Path, ctx: PassContext) -> Path:
-        """Self-test vectors: the first eval samples and the fp32 model's outputs on them."""
-        count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
-        vectors = {f"{INPUT_PREFIX}{k}": v[:count] for k, v in ctx.evaluation.items()}
-        for name, value in reference_outputs(ctx).items():
-            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value[:count])
-        vectors_path = out_dir / "vectors.npz"
-        save_npz_deterministic(vectors_path, vectors)
-        return vectors_path
+    def _write_vectors(
+        self, model: ModelArtifact, out_dir: Path, ctx: PassContext
+    ) -> tuple[SelfTestSpec, Path]:
+        """Self-test vectors: eval samples and the bundled model's outputs on them here."""
+        opener = get_format(model.format).kernel_check
+        choice = choose_vectors(
+            ctx.evaluation,
+            lambda samples: run_samples(model.path, samples),
+            model_bytes=model.path.stat().st_size,
+            margin=margin_for(model.precision, ctx.profile.accelerator.value),
+            requested=self.config.selftest_vectors,
+            member=SELFTEST_MEMBER,
+            check=None if opener is None else _kernel_check(opener, model.path, ctx.progress),
+        )
+        for note in choice.notes:
+            ctx.progress(note)
+        return choice.spec, write_vectors(out_dir / "vectors.npz", choice)
+
+
+def _run_each(session, samples: dict) -> dict:
+    """``samples`` through ``session`` one at a time (batch 1), the outputs stacked."""
+    import numpy as np
+
+    count = len(next(iter(samples.values())))
+    rows = [session.run({k: v[i : i + 1] for k, v in samples.items()}) for i in range(count)]
+    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+
+
+def _kernel_check(opener, path: Path, progress):
+    """``samples -> outputs`` through the format's second kernel path; an engine that
+    cannot open the model that way leaves the bounds to the margins, with a note."""
+
+    def check(samples: dict) -> dict:
+        try:
+            return _run_each(opener(path), samples)
+        except PROGRAMMING_ERRORS:
+            raise
+        except Exception as exc:  # the engine's own refusal: the margins still apply
+            progress(f"self-test: no second kernel path for the bounds ({exc})"[:300])
+            return {}
+
+    return check

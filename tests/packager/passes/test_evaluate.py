@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from packager.passes.evaluate import compare, degradation
-from packager.passes.package import selftest_tolerance
 
 
 def test_identical_outputs_have_no_degradation():
@@ -33,17 +32,3 @@ def test_orthogonal_outputs_are_fully_degraded():
     metrics = compare({"y": np.array([[0.0, 1.0]])}, {"y": np.array([[1.0, 0.0]])}, None, False)
 
     assert degradation(metrics) == pytest.approx(1.0)
-
-
-def test_selftest_tolerance_is_twice_the_eval_error_with_a_scale_floor():
-    atol, min_cosine = selftest_tolerance(
-        {"max_abs_error": 0.0285, "cosine_min": 0.98, "reference_max_abs": 0.5}
-    )
-    assert atol == pytest.approx(0.057)
-    assert min_cosine == pytest.approx(0.96)
-
-    atol, min_cosine = selftest_tolerance(
-        {"max_abs_error": 0.0, "cosine_min": 1.0, "reference_max_abs": 20.0}
-    )
-    assert atol == pytest.approx(0.002)
-    assert min_cosine == pytest.approx(1 - 1e-5)

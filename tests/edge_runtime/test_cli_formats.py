@@ -164,5 +164,5 @@ def test_selftest_passes(fixture, expected, request, keypair):
         assert "greedy tokens match the build host's" in plain.output
         assert report["expected_tokens"] == 16
     else:
-        assert "4 vectors, max abs error" in plain.output
-        assert report["vectors"] == 4
+        assert "8 vectors, max abs error" in plain.output
+        assert report["vectors"] == 8

@@ -334,3 +334,30 @@ def test_an_image_models_bound_covers_another_int8_kernel_path(detector_bundle):
                 spec.bound(name),
             )
             assert check.failure is None, check.failure
+
+
+def test_selftest_vectors_sets_the_count_and_the_samples_spread_over_the_eval_file(
+    digits_example, keypair, tmp_path
+):
+    from tests.conftest import build_example
+
+    output = tmp_path / "digits-3.edgepkg"
+    lines: list[str] = []
+
+    build_example(
+        digits_example,
+        keypair[0],
+        output,
+        "raspberry-pi-4",
+        selftest_vectors=3,
+        progress=lines.append,
+    )
+
+    members = bundle_members(output)
+    spec = parse_manifest(members[MANIFEST_NAME]).selftest
+    inputs, _ = load_vectors_bytes(members[VECTORS])
+    with np.load(digits_example.eval) as data:
+        images = data["image"]
+    assert spec.count == 3
+    np.testing.assert_array_equal(inputs["image"], images[spread(len(images), 3)])
+    assert not any(line.startswith("self-test:") for line in lines), lines

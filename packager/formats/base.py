@@ -195,6 +195,9 @@ class FormatPipeline:
     # fusions, LiteRT without XNNPACK): how far that moves the outputs widens the
     # self-test bounds (packager/passes/selftest_vectors.py).
     kernel_check: Callable[[Path], Any] | None = None
+    # The model's inputs and outputs (TensorSpecs), read cheaply before any work, so the
+    # build's per-input flags (--batch-axis, --constant, --state) are checked up front.
+    signature: Callable[[Path], tuple[list[Any], list[Any]]] | None = None
     # Counts a model file's weight tensors by type: a quantizing recipe must have raised
     # the count of its precision, and the manifest's precision is read from the file.
     weights: Callable[[Path], WeightCensus] | None = None

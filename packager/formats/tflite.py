@@ -80,6 +80,12 @@ def reference_kernels(path: Path) -> TfliteSession:
     return TfliteSession(path, os.cpu_count() or 1, False)
 
 
+def signature(path: Path) -> tuple[list, list]:
+    """Inputs and outputs, as TfliteValidate reads them."""
+    session = host_session(path, 1)
+    return session.input_specs(), session.output_specs()
+
+
 def weight_counts(path: Path) -> dict[str, int]:
     """Constant tensors (those with data in a buffer) by type, from the flatbuffer."""
     from edge_runtime.tflite_file import check_tflite
@@ -126,6 +132,7 @@ PIPELINE = tensor_format(
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
     kernel_check=reference_kernels,
+    signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
 )

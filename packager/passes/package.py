@@ -14,6 +14,7 @@ from edge_runtime.bundle import sha256_file
 from edge_runtime.manifest import (
     SCHEMA_VERSION,
     BackendSpec,
+    FeedingSpec,
     FileEntry,
     FileRole,
     LlmSpec,
@@ -34,7 +35,6 @@ from ..bundle_writer import write_bundle
 from ..formats import formats, get_format
 from ..keys import load_private_key
 from .base import PROGRAMMING_ERRORS, ModelArtifact, Pass, PassConfig, PassContext, PassOutput
-from .evaluate import run_samples
 from .selftest_vectors import choose_vectors, margin_for, write_vectors
 
 SELFTEST_MEMBER = "selftest/vectors.npz"
@@ -68,6 +68,7 @@ class PackageRequest:
     steps: list[StepRecord] = field(default_factory=list)  # the passes behind the model
     # sha256 of files already hashed for the step records, by path (hashed once only)
     digests: dict[Path, str] = field(default_factory=dict)
+    feeding: FeedingSpec | None = None  # constant inputs, batch axes, carried state
 
 
 class PackageConfig(PassConfig):
@@ -152,6 +153,7 @@ class Package(Pass):
             llm=request.llm,
             wheelhouse=request.wheelhouse,
             steps=request.steps,
+            feeding=request.feeding,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)
@@ -163,42 +165,34 @@ class Package(Pass):
     def _write_vectors(
         self, model: ModelArtifact, out_dir: Path, ctx: PassContext
     ) -> tuple[SelfTestSpec, Path]:
-        """Self-test vectors: eval samples and the bundled model's outputs on them here."""
-        opener = get_format(model.format).kernel_check
+        """Self-test vectors: eval feeds (of the first eval file) and the bundled model's
+        outputs on them on this host, with a bound per output."""
+        pipeline = get_format(model.format)
+        dataset = ctx.eval_sets[0]
         choice = choose_vectors(
-            ctx.evaluation,
-            lambda samples: run_samples(model.path, samples),
+            dataset.feeder,
+            dataset.arrays,
+            pipeline.host_session(model.path).run,
             model_bytes=model.path.stat().st_size,
             margin=margin_for(model.precision, ctx.profile.accelerator.value),
             requested=self.config.selftest_vectors,
             member=SELFTEST_MEMBER,
-            check=None if opener is None else _kernel_check(opener, model.path, ctx.progress),
+            check=_kernel_check(pipeline.kernel_check, model.path, ctx.progress),
         )
         for note in choice.notes:
             ctx.progress(note)
         return choice.spec, write_vectors(out_dir / "vectors.npz", choice)
 
 
-def _run_each(session, samples: dict) -> dict:
-    """``samples`` through ``session`` one at a time (batch 1), the outputs stacked."""
-    import numpy as np
-
-    count = len(next(iter(samples.values())))
-    rows = [session.run({k: v[i : i + 1] for k, v in samples.items()}) for i in range(count)]
-    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
-
-
 def _kernel_check(opener, path: Path, progress):
-    """``samples -> outputs`` through the format's second kernel path; an engine that
-    cannot open the model that way leaves the bounds to the margins, with a note."""
-
-    def check(samples: dict) -> dict:
-        try:
-            return _run_each(opener(path), samples)
-        except PROGRAMMING_ERRORS:
-            raise
-        except Exception as exc:  # the engine's own refusal: the margins still apply
-            progress(f"self-test: no second kernel path for the bounds ({exc})"[:300])
-            return {}
-
-    return check
+    """The model opened through the format's second kernel path, its ``run``; None, with
+    a note, when the engine cannot open it that way (the margins alone bound it then)."""
+    if opener is None:
+        return None
+    try:
+        return opener(path).run
+    except PROGRAMMING_ERRORS:
+        raise
+    except Exception as exc:  # the engine's own refusal: the margins still apply
+        progress(f"self-test: no second kernel path for the bounds ({exc})"[:300])
+        return None

@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import math
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.feeding import Feeder
 from edge_runtime.manifest import SelfTestBound, SelfTestSpec
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX, cosine_rows
 
@@ -168,40 +170,77 @@ class VectorChoice:
 
     data: bytes
     spec: SelfTestSpec
-    indices: list[int]  # eval samples kept
+    indices: list[int]  # eval samples kept (a stateful model's: feeds, steps in order)
     budget: int
     notes: list[str]
 
 
+Run = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def feed_rows(feeder: Feeder, arrays: dict[str, np.ndarray], run: Run, count: int):
+    """``count`` feeds and ``run``'s outputs on them, each stored one row per feed,
+    samples first (``Feeder.input_row``/``output_row``); constants are left out, the
+    runtime fills them in. Samples fed one by one are spread over the file; a stateful
+    model's feeds are its first steps in order, each with the state ``run`` carried.
+    Returns (inputs, outputs, the sample or feed indices)."""
+    if feeder.sequential:
+        indices = list(range(min(count, feeder.samples(arrays) * feeder.steps(arrays))))
+    else:
+        indices = spread(feeder.samples(arrays), count)
+        arrays = {name: value[indices] for name, value in arrays.items()}
+    inputs: dict[str, list[np.ndarray]] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
+    for _, feed, result in islice(feeder.run(run, arrays), len(indices)):
+        for name, value in feed.items():
+            if name not in feeder.constants:
+                inputs.setdefault(name, []).append(feeder.input_row(name, value))
+        for name, value in result.items():
+            outputs.setdefault(name, []).append(feeder.output_row(name, value))
+    joined = {name: np.concatenate(rows) for name, rows in inputs.items()}
+    return joined, {name: np.concatenate(rows) for name, rows in outputs.items()}, indices
+
+
+def rerun_rows(feeder: Feeder, inputs: dict[str, np.ndarray], run: Run) -> dict[str, np.ndarray]:
+    """``run`` on each stored row as the device feeds it (``Feeder.row_feed`` plus the
+    constants): one output row per input row."""
+    count = len(next(iter(inputs.values())))
+    outputs: dict[str, list[np.ndarray]] = {}
+    for index in range(count):
+        result = run({**feeder.row_feed(inputs, index), **feeder.constants})
+        for name, value in result.items():
+            outputs.setdefault(name, []).append(feeder.output_row(name, value))
+    return {name: np.concatenate(rows) for name, rows in outputs.items()}
+
+
 def choose_vectors(
-    evaluation: dict[str, np.ndarray],
-    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    feeder: Feeder,
+    arrays: dict[str, np.ndarray],
+    run: Run,
     model_bytes: int,
     margin: Margin,
     requested: int | None,
     member: str,
-    check: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    check: Run | None = None,
 ) -> VectorChoice:
-    """Pick the eval samples to keep, run the model on them and bound each output.
+    """Pick the eval feeds to keep, run the model on them and bound each output.
 
-    ``run`` takes the chosen samples (first axis) and returns the bundled model's outputs
-    on this host; ``check``, when the format has one, the same through a second kernel
-    path, which the bounds must cover. Without ``requested``, as many samples as fit
-    ``vector_budget`` (at most 8, at least 1), spread over the eval file; an explicit
-    count is honoured, with a note when it is above the budget.
+    ``run`` is the bundled model on this host (one batch-of-one feed in, its outputs
+    out); ``check``, when the format has one, the same model through a second kernel
+    path, whose distance the bounds must cover. Without ``requested``, as many feeds as
+    fit ``vector_budget`` (at most 8, at least 1); an explicit count is honoured, with a
+    note when it is above the budget.
     """
-    total = len(next(iter(evaluation.values())))
+    total = feeder.samples(arrays) * (feeder.steps(arrays) if feeder.sequential else 1)
     budget = vector_budget(model_bytes)
     notes: list[str] = []
     wanted = MAX_DEFAULT_VECTORS if requested is None else requested
     if requested is not None and requested > total:
         notes.append(f"--selftest-vectors {requested}: the eval file has {total}; keeping all")
-    indices = spread(total, wanted)
-    inputs = {name: value[indices] for name, value in evaluation.items()}
-    outputs = run(inputs)
+    inputs, outputs, indices = feed_rows(feeder, arrays, run, wanted)
     rows = list(range(len(indices)))
     data = vectors_bytes(_arrays(inputs, outputs, rows))
-    # Fewer samples until they fit: the size per sample depends on how well it deflates.
+    # Fewer feeds until they fit: the size per feed depends on how well it deflates.
     while requested is None and len(data) > budget and len(rows) > 1:
         fitting = max(1, min(len(rows) - 1, len(rows) * budget // len(data)))
         rows = spread(len(indices), fitting)
@@ -218,7 +257,8 @@ def choose_vectors(
                 else "; kept anyway, the self-test needs one"
             )
         )
-    others = check({name: value[kept] for name, value in evaluation.items()}) if check else {}
+    stored = {name: value[rows] for name, value in inputs.items()}
+    others = rerun_rows(feeder, stored, check) if check is not None else {}
     bounds = {
         name: output_bound(value[rows], margin, others.get(name))
         for name, value in sorted(outputs.items())

@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 
 from edge_runtime import Runtime
-from edge_runtime.manifest import MANIFEST_NAME, SelfTestBound, parse_manifest
+from edge_runtime.feeding import Feeder
+from edge_runtime.manifest import (
+    MANIFEST_NAME,
+    FeedingSpec,
+    SelfTestBound,
+    TensorSpec,
+    parse_manifest,
+)
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX, compare_output
 from packager.passes.selftest_vectors import (
     MARGINS,
@@ -116,8 +123,8 @@ def test_vectors_are_reproducible_bytes_that_np_load_reads():
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
-def mean_pixel(samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"y": samples["x"].mean(axis=(2, 3))}
+def mean_pixel(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"y": feed["x"].mean(axis=(2, 3))}
 
 
 @pytest.mark.parametrize(
@@ -131,8 +138,11 @@ def mean_pixel(samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 )
 def test_the_count_follows_the_budget_unless_given(side, requested, count, note):
     noise = np.random.default_rng(1).random((20, 3, side, side), dtype=np.float32)
+    feeder = Feeder([TensorSpec(name="x", dtype="float32", shape=["n", 3, side, side])])
 
-    choice = choose_vectors({"x": noise}, mean_pixel, 1000, MARGINS["fp32"], requested, VECTORS)
+    choice = choose_vectors(
+        feeder, {"x": noise}, mean_pixel, 1000, MARGINS["fp32"], requested, VECTORS
+    )
 
     assert choice.spec.count == len(choice.indices) == count
     assert choice.indices == spread(20, count)
@@ -141,8 +151,33 @@ def test_the_count_follows_the_budget_unless_given(side, requested, count, note)
     else:
         assert any(note in line for line in choice.notes), choice.notes
     inputs, references = load_vectors_bytes(choice.data)
-    assert len(inputs["x"]) == len(references["y"]) == count
+    np.testing.assert_array_equal(inputs["x"], noise[choice.indices])
     np.testing.assert_array_equal(references["y"], mean_pixel(inputs)["y"])
+
+
+def test_a_constant_input_is_left_to_the_runtime_and_the_check_sees_it():
+    feeder = Feeder(
+        [
+            TensorSpec(name="x", dtype="float32", shape=["n", 4]),
+            TensorSpec(name="scale", dtype="float32", shape=[]),
+        ],
+        spec=FeedingSpec(constants={"scale": 2.0}),
+    )
+    data = {"x": np.arange(40, dtype=np.float32).reshape(10, 4)}
+
+    def run(feed):
+        return {"y": feed["x"] * feed["scale"]}
+
+    def other_kernels(feed):
+        return {"y": feed["x"] * feed["scale"] + np.float32(0.5)}
+
+    choice = choose_vectors(feeder, data, run, 1000, MARGINS["fp32"], 2, VECTORS, other_kernels)
+
+    inputs, references = load_vectors_bytes(choice.data)
+    assert set(inputs) == {"x"}
+    np.testing.assert_array_equal(references["y"], 2 * data["x"][[0, 9]])
+    assert choice.spec.outputs["y"].kernel_spread == 0.5
+    assert choice.spec.outputs["y"].atol == 1.0  # twice the spread, above the fp32 margin
 
 
 def load_vectors_bytes(data: bytes):

@@ -55,7 +55,9 @@ class Margin:
 #   (about 6 steps of an int8 output quantized over it), rtol 5%. x86 AVX2 without VNNI
 #   is worse: ONNX Runtime's fused u8s8 kernels saturate 16-bit pair sums (vpmaddubsw),
 #   which the measured kernel spread catches (12% of the digits CNN's logit range, 17% of
-#   the detector's box range, between this AVX2 host's fused and exact kernels).
+#   the detector's box range, between this AVX2 host's fused and exact kernels). A Pi 4
+#   (emulated cortex-a72) computes the exact path's logits to the bit
+#   (tests/integration/test_arm64_selftest.py).
 # A broken runtime (wrong kernels, a corrupted or other model, inputs mixed up) moves
 # outputs by a large fraction of their range, beyond each of these.
 MARGINS = {

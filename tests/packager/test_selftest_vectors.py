@@ -110,6 +110,19 @@ def test_each_output_is_bounded_on_its_own_magnitude():
     assert output_bound(np.zeros((2, 3)), MARGINS["fp32"]).atol == 1e-6  # still positive
 
 
+def test_a_second_kernel_path_widens_the_bound_to_twice_its_spread():
+    reference = np.array([[10.0, -2.0, 0.0]])
+
+    moved = output_bound(reference, MARGINS["int8"], reference + [[0.0, 8.0, 0.0]])
+    close = output_bound(reference, MARGINS["int8"], reference + 0.01)
+    broken = output_bound(reference, MARGINS["int8"], np.full_like(reference, np.nan))
+
+    assert (moved.kernel_spread, moved.atol) == (8.0, 16.0)
+    assert moved.min_cosine < 0.5  # the cosine widens with it: theirs is 0.74
+    assert (close.kernel_spread, close.atol) == (0.01, 0.5)  # the margin, 5% of 10
+    assert (broken.kernel_spread, broken.atol) == (0.0, 0.5)
+
+
 def test_vectors_are_reproducible_bytes_that_np_load_reads():
     arrays = {"input.x": np.arange(12, dtype=np.float32).reshape(3, 4), "reference.y": np.ones(3)}
 

@@ -136,7 +136,7 @@ def run(
 def selftest(
     bundle: Path, pubkey: Path | None, as_json: bool, threads: int | None, providers: str | None
 ) -> None:
-    """Run BUNDLE's self-test vectors; exit 0 when they match the fp32 reference."""
+    """Run BUNDLE's self-test vectors; exit 0 when they match the build host's reference."""
     from dataclasses import asdict
 
     with _open(bundle, pubkey, threads, providers) as runtime:

@@ -30,7 +30,7 @@ from .formats.base import Chosen, FormatPipeline, Recipe, Step
 from .keys import load_private_key
 from .passes import ModelArtifact, Package, Pass, PassContext, get_pass
 from .passes.base import PassFailedError, PassRecord, RecipeSkippedError
-from .passes.package import PackageRequest
+from .passes.package import PackageRequest, package_options
 from .settings import BuildConfig
 from .speed import slower_reason, speed_check
 
@@ -83,7 +83,7 @@ def plan_build(settings: BuildConfig) -> Plan:
     ]
     gate = _instantiate(pipeline.gate.step, settings, pipeline)
     measure = _instantiate(pipeline.measure.step, settings, pipeline) if settings.measure else None
-    package = _instantiate(Step(Package.name), settings, pipeline)
+    package = _instantiate(Step(Package.name, options=package_options), settings, pipeline)
     pipeline.data.check(pipeline, settings)
     return Plan(pipeline, prepare, chain, gate, measure, package)
 

@@ -164,7 +164,7 @@ def test_a_stateful_model_builds_and_runs_with_batch_axis_constant_and_state(
     with Runtime.open(result.bundle, keypair[1]) as runtime:
         report = runtime.selftest()
         assert report.passed, report.failures
-        assert report.vectors == 4  # the first four steps of the first sequence
+        assert report.vectors == 8  # the first eight feeds: steps in order, state carried
         # sr is left out: the runtime feeds the recorded constant
         first = runtime.run({"input": eval_inputs[0, :1], "state": np.zeros((2, 1, 3), np.float32)})
         assert first["stateN"].shape == (2, 1, 3)

@@ -137,8 +137,8 @@ class Activations:
 def measure_activations(
     float_path: Path, qdq_path: Path | None, samples: list[dict], work: Path
 ) -> Activations:
-    """Run the float model (and the QDQ one) on ``samples`` (feeds), every intermediate
-    tensor an output; graph inputs count as tensors too."""
+    """Run the float model (and the QDQ one) on ``samples`` (feed dicts, as the build feeds
+    the model), every intermediate tensor an output; graph inputs count as tensors too."""
     import numpy as np
 
     float_session, float_names = _session(with_intermediate_outputs(float_path, work / "f.onnx"))

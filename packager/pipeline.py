@@ -30,7 +30,7 @@ from .formats.base import Chosen, FormatPipeline, Recipe, Step
 from .keys import load_private_key
 from .passes import ModelArtifact, Package, Pass, PassContext, get_pass
 from .passes.base import PassFailedError, PassRecord, RecipeSkippedError
-from .passes.package import PackageRequest
+from .passes.package import PackageRequest, package_options
 from .settings import BuildConfig
 from .speed import slower_reason, speed_check
 
@@ -83,7 +83,7 @@ def plan_build(settings: BuildConfig) -> Plan:
     ]
     gate = _instantiate(pipeline.gate.step, settings, pipeline)
     measure = _instantiate(pipeline.measure.step, settings, pipeline) if settings.measure else None
-    package = _instantiate(Step(Package.name), settings, pipeline)
+    package = _instantiate(Step(Package.name, options=package_options), settings, pipeline)
     pipeline.data.check(pipeline, settings)
     return Plan(pipeline, prepare, chain, gate, measure, package)
 
@@ -300,9 +300,12 @@ def _speed_check(
     plan: Plan, ctx: PassContext, recipe: Recipe, candidate: ModelArtifact, prepared: ModelArtifact
 ) -> SpeedCheck:
     ctx.progress(f"{recipe.name}: timing against fp32 on this host, side by side")
-    # The first eval sample as the model takes it (batch axes, constants, state).
-    inputs = ctx.eval_sets[0].first_feed()
-    speed = speed_check(plan.pipeline, ctx.profile, candidate.path, prepared.path, inputs)
+    # The first eval sample, fed as the model is (batch axes, constants; a stateful
+    # model's first step).
+    dataset = ctx.eval_sets[0]
+    run = ctx.source_run() if dataset.feeder.sequential else None
+    feed = next(iter(dataset.feeds(run, samples=1)))
+    speed = speed_check(plan.pipeline, ctx.profile, candidate.path, prepared.path, feed)
     where = "" if speed.representative else f" (not representative of {ctx.profile.arch.value})"
     ctx.progress(f"{recipe.name}: {speed.ratio:.2f}x the speed of fp32 on this host{where}")
     return speed

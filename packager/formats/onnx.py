@@ -134,6 +134,25 @@ def host_session(
     )
 
 
+class _UnfusedSession:
+    """ONNX Runtime with every graph fusion off: a QDQ model runs as dequantize, float
+    op, quantize, so its integer sums are exact, as on ARM or with VNNI, where the fused
+    x86 AVX2 kernels saturate 16-bit pair sums. For the self-test bounds only."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, inputs: dict) -> dict:
+        return dict(zip(self.names, self.session.run(self.names, inputs), strict=True))
+
+
 def signature(path: Path) -> tuple[list, list]:
     """Inputs and outputs, as OnnxValidate reads them (weights not loaded)."""
     from ..onnx_model import model_signature
@@ -202,6 +221,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
     host_session=host_session,
+    kernel_check=_UnfusedSession,
     signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.onnx:measure_loader",

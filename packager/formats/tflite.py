@@ -77,6 +77,13 @@ def host_session(
     return TfliteSession(path, threads or os.cpu_count() or 1, xnnpack)
 
 
+def reference_kernels(path: Path) -> TfliteSession:
+    """The model on LiteRT's built-in kernels, XNNPACK off (for the self-test bounds)."""
+    from edge_runtime.backends.tflite import TfliteSession
+
+    return TfliteSession(path, os.cpu_count() or 1, False)
+
+
 def signature(path: Path) -> tuple[list, list]:
     """Inputs and outputs, as TfliteValidate reads them."""
     session = host_session(path, 1)
@@ -128,6 +135,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
+    kernel_check=reference_kernels,
     signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",

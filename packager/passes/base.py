@@ -74,13 +74,13 @@ class PassContext:
     progress: Callable[[str], None] = lambda message: None
     reference_outputs: dict[str, Any] | None = None  # tensor models: the source's outputs
     source_score: Any = None  # GGUF: the source's per-token scores
+    # Every --eval and --calibration file (packager.data.DataSet), in order; the
+    # ``evaluation``/``calibration``/``labels`` fields above are the first file's.
+    datasets: dict[str, list[Any]] = field(default_factory=dict)
     # Set by the engine during the recipe loop: runs the build's gate on a candidate and
     # returns its figures ("passed", "degradation", ...), so a searching pass (mixed
     # precision) can judge its intermediate candidates the way the build will.
     judge: Callable[[ModelArtifact], dict[str, Any]] | None = None
-    # Every --eval and --calibration file (packager.data.DataSet), in order; the
-    # ``evaluation``/``calibration``/``labels`` fields above are the first file's.
-    datasets: dict[str, list[Any]] = field(default_factory=dict)
     _counter: int = 0
 
     def use_data(self, eval_sets: list[Any], calibration_sets: list[Any]) -> None:

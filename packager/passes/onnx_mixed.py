@@ -339,7 +339,7 @@ class OnnxMixedPrecisionQuantize(Pass):
         else:
             ctx.progress("mixed precision: the whole graph in int8 was judged by the recipe before")
 
-        # Fed as the model is (batch axes, constants, carried state), as calibration is.
+        # Fed as the build feeds the model (batch axes, constants, carried state).
         samples = ctx.calibration_feeds(config.debug_samples)
         work = out_dir / "debug"
         work.mkdir()

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime import Runtime
 from packager.build import BuildConfig, build_bundle
+from packager.data import plain_dataset
 from packager.errors import GateError, PackagerError
 from packager.onnx_activations import measure_activations
 from packager.passes import ModelArtifact, OnnxMixedPrecisionQuantize, PassContext
@@ -200,9 +201,9 @@ def test_mask_addition_is_kept_in_float_and_passes(tmp_path):
 def test_head_concat_with_mixed_ranges_is_found(tmp_path):
     model = detector_head_model(tmp_path / "head.onnx")
     graph = load_graph(model)
-    data = gaussian_data(16, 3)
-    feeds = [{"x": data["x"][i : i + 1]} for i in range(16)]
-    ranges = measure_activations(model, None, feeds, tmp_path).ranges
+    ranges = measure_activations(
+        model, None, list(plain_dataset(gaussian_data(16, 3)).feeds()), tmp_path
+    ).ranges
 
     assert ranges["boxes"][1] > 50 * ranges["scores"][1]
     assert head_concat_tensors(graph, ranges, 20.0) == ["y"]

@@ -338,3 +338,39 @@ def test_a_forced_mixed_recipe_judges_the_whole_graph_first(tmp_path, keypair):
     assert any("whole graph in int8 (0 nodes in float)" in line for line in lines)
     [attempt] = manifest.quantization.attempts
     assert (attempt.status, attempt.excluded_nodes) == ("passed", [])
+
+
+def test_a_mixed_candidate_races_the_next_recipe_on_speed(tmp_path, keypair):
+    """Float islands and their QDQ pairs cost time: when int8-static-mixed passes, the next
+    recipe (dynamic int8) is tried too and the faster of the two is chosen. raspberry-pi-4
+    on this host: timed, not representative, so neither is refused for its speed."""
+    model = attention_model(tmp_path / "attention.onnx")
+    np.savez(tmp_path / "calibration.npz", **attention_data(32, 1))
+    np.savez(tmp_path / "eval.npz", **attention_data(16, 2))
+    config = BuildConfig(
+        model=model,
+        profile=load_profile("raspberry-pi-4"),
+        key=keypair[0],
+        output=tmp_path / "attention.edgepkg",
+        calibration=tmp_path / "calibration.npz",
+        eval=tmp_path / "eval.npz",
+        measure=True,
+        max_degradation=0.05,  # dynamic int8 scores about 0.02 here: both pass the gate
+    )
+    lines = []
+
+    manifest = build_bundle(config, lines.append).manifest
+
+    attempts = {attempt.recipe: attempt for attempt in manifest.quantization.attempts}
+    mixed, dynamic = attempts["int8-static-mixed"], attempts["int8-dynamic-per-channel"]
+    assert mixed.excluded_nodes and mixed.speed is not None
+    assert "int8-dynamic-per-channel: tried too, in case it is faster than int8-static-mixed" in (
+        lines
+    )
+    assert "fp32" not in attempts  # the race is between the two int8 recipes only
+    assert dynamic.speed is not None  # it passed the gate too: the faster one wins
+    winner, loser = sorted((mixed, dynamic), key=lambda a: -a.speed.ratio)
+    assert manifest.quantization.chosen == winner.recipe
+    assert (winner.status, loser.status) == ("passed", "failed")
+    assert loser.reason.startswith(f"slower than {winner.recipe} on this host (")
+    assert loser.metrics["degradation"] <= 0.05  # refused for its speed, not the gate

@@ -8,15 +8,18 @@ tensors with outliers quantize badly. Intel Neural Compressor and Olive get int8
 models by keeping those nodes in float. This pass does the same, judged by the build's
 own gate (``PassContext.judge``):
 
-1. the whole graph in int8; if the gate passes it, that is the model;
+1. the whole graph in int8; if the gate passes it, that is the model (skipped when the
+   chain has just judged that same quantization: ``whole_graph_first``);
 2. heuristics from the float model's activation ranges on the calibration data: the nodes
    fed by huge constants, the tensors downstream of them whose range stays huge, and
    final Concat heads whose inputs' ranges differ by ``range_ratio`` or more;
 3. a sensitivity search: the float and QDQ models run side by side on calibration samples
-   with every intermediate tensor as an output (ONNX Runtime's ``qdq_loss_debug``
-   augmentation), each tensor's signal-to-quantization-noise ratio against float is
-   measured, and the tensors where it drops most (the noise the producing node adds) are
-   kept in float, in growing batches, until the gate passes or a limit is reached.
+   with every intermediate tensor as an output (``packager.onnx_activations``, after
+   ONNX Runtime's ``qdq_loss_debug``), each tensor's signal-to-quantization-noise ratio
+   against float is measured (per channel too), and the tensors where the noise rises
+   most (the noise the producing node adds) are kept in float, with the tensors an
+   outlier range rides on to, in growing batches, until the gate passes or a limit is
+   reached.
 
 Keeping a tensor in float means excluding its producer and all its consumers from
 quantization (``nodes_to_exclude``): excluding only the producer would still put a QDQ

@@ -38,7 +38,7 @@ from pydantic import Field
 from ..errors import DataError
 from ..onnx_activations import SQNR_CAP_DB, measure_activations
 from .base import ModelArtifact, Pass, PassContext, PassOutput
-from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq
+from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq, shared_calibration_cache
 
 # Ops that only move or reshape data: a head's Concat reaches the graph output through
 # these, and excluding the Concat must exclude them too (each would requantize the tensor).
@@ -333,7 +333,7 @@ class OnnxMixedPrecisionQuantize(Pass):
         limit = max(
             1, min(config.max_excluded_nodes, int(len(graph.names) * config.max_excluded_fraction))
         )
-        search = _Search(self, ctx, source, out_dir, judge)
+        search = _Search(self, ctx, source, out_dir, judge, model.path)
 
         if config.whole_graph_first:
             verdict = search.try_nodes(set(), "whole graph in int8")
@@ -402,7 +402,15 @@ class _Search:
     """The candidates tried so far; the result is the first that passed, else the one
     with the lowest degradation."""
 
-    def __init__(self, owner: OnnxMixedPrecisionQuantize, ctx, source: Path, out_dir: Path, judge):
+    def __init__(
+        self,
+        owner: OnnxMixedPrecisionQuantize,
+        ctx,
+        source: Path,
+        out_dir: Path,
+        judge,
+        source_of_ranges: Path,
+    ):
         self.owner, self.ctx, self.source, self.out_dir, self.judge = (
             owner,
             ctx,
@@ -412,6 +420,8 @@ class _Search:
         )
         self.verdicts: list[_Verdict] = []
         self.files: dict[frozenset[str], Path] = {}
+        # The ranges int8-static-qdq-per-channel computed for this model, if it ran.
+        self.calibration_cache = shared_calibration_cache(ctx, source_of_ranges, owner.config)
 
     def quantize(self, nodes: set[str]) -> Path:
         """A QDQ candidate with ``nodes`` in float (the calibration ranges computed once)."""
@@ -424,7 +434,7 @@ class _Search:
                 self.owner.config,
                 self.ctx,
                 sorted(nodes),
-                calibration_cache=self.out_dir / "calibration-ranges.json",
+                calibration_cache=self.calibration_cache,
             )
             self.files[key] = path
         return self.files[key]

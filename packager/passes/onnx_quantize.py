@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
@@ -95,8 +96,19 @@ class OnnxStaticQuantize(Pass):
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         output = out_dir / "model.onnx"
-        quantize_qdq(model.path, output, self.config, ctx)
+        cache = shared_calibration_cache(ctx, model.path, self.config)
+        quantize_qdq(model.path, output, self.config, ctx, calibration_cache=cache)
         return PassOutput(ModelArtifact(output, "onnx", "int8"))
+
+
+def shared_calibration_cache(ctx: PassContext, model: Path, config) -> Path:
+    """Where the activation ranges of ``model`` under ``config``'s method and sample count
+    are kept for this build: recipes that quantize the same prepared model (static,
+    mixed) calibrate it once. The ranges are by tensor name, so a copy of the model with
+    its nodes renamed shares them."""
+    key = hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:12]
+    name = f"calibration-{key}-{config.calibrate_method}-{config.max_samples}.json"
+    return ctx.workdir / name
 
 
 def quantize_qdq(

@@ -287,6 +287,8 @@ def test_build_chooses_mixed_and_records_the_excluded_nodes(tmp_path, keypair):
     # quantize and judge it again.
     assert "mixed precision: the whole graph in int8 was judged by the recipe before" in lines
     assert not any("whole graph in int8 (0 nodes" in line for line in lines)
+    # ... and it reuses that recipe's activation ranges: min-max calibration runs once.
+    assert sum(line.startswith("calibrating on") and "(minmax)" in line for line in lines) == 1
     assert attempts["int8-static-qdq-per-channel"].status == "failed"
     assert manifest.quantization.chosen == "int8-static-mixed"
     chosen = attempts["int8-static-mixed"]

@@ -190,22 +190,37 @@ def test_top1_on_a_declared_axis():
         score("top1", reference, candidate, axis=3)
 
 
-def test_sequence_counts_steps_and_whole_sequences():
+def test_sequence_reads_ctc_paths_collapsed_and_other_sequences_step_by_step():
     classes = np.eye(4)
-    paths = np.array([[1, 1, 0, 2], [3, 0, 0, 3], [2, 2, 2, 0]])
+    paths = np.array([[1, 1, 0, 2, 0, 0], [3, 0, 0, 3, 0, 0], [2, 2, 2, 0, 0, 0]])
     reference = classes[paths]
     changed = paths.copy()
     changed[0, 1] = 0  # "1 1 0 2" -> "1 0 0 2": the same CTC reading (blank 0)
     changed[1, 3] = 2  # "3 0 0 3" -> "3 0 0 2": another reading
     candidate = classes[changed]
 
-    degradation, figures = score("sequence", reference, candidate)
-    _, ctc = score("sequence", reference, candidate, blank=0)
+    ctc, figures = score("sequence", reference, candidate)  # blank 0 found: 10 of 18 steps
+    steps, raw = score("sequence", reference, candidate, blank="none")
 
-    assert degradation == pytest.approx(2 / 12)
-    assert figures["step_agreement"] == pytest.approx(10 / 12)
-    assert figures["sequence_agreement"] == pytest.approx(1 / 3)
-    assert ctc["sequence_agreement"] == pytest.approx(2 / 3)
+    assert figures["blank"] == 0.0
+    assert figures["step_agreement"] == pytest.approx(16 / 18)
+    assert ctc == pytest.approx(1 / 3) and figures["sequence_agreement"] == pytest.approx(2 / 3)
+    assert steps == pytest.approx(2 / 18) and raw["sequence_agreement"] == pytest.approx(1 / 3)
+    assert get_metric("sequence").threshold == 0.05
+    with pytest.raises(PackagerError, match="blank='x' must be auto, none or a class number"):
+        score("sequence", reference, candidate, blank="x")
+
+
+def test_a_tagger_without_a_dominant_class_is_judged_per_step():
+    paths = np.array([[1, 2, 3, 1], [2, 2, 1, 3]])
+    reference = np.eye(4)[paths]
+    candidate = reference.copy()
+    candidate[0, 0] = np.eye(4)[2]
+
+    degradation, figures = score("sequence", reference, candidate)
+
+    assert figures["blank"] == -1.0
+    assert degradation == pytest.approx(1 / 8)
 
 
 def test_dense_is_one_minus_the_iou_of_the_thresholded_maps():

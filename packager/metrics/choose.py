@@ -68,7 +68,9 @@ def _class_scores(ref: np.ndarray) -> bool:
 
 def _embedding(ref: np.ndarray) -> str | None:
     if ref.ndim == 3:
-        return "cosine-pooled"
+        # Per token, not pooled: a per-token output promises every real token's vector,
+        # and a pooled cosine can pass while single tokens drift (cosine-pooled by --metric).
+        return "cosine-tokens"
     if ref.ndim == 2 and ref.shape[1] > FEW_VALUES:
         return "cosine"
     return None

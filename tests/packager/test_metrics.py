@@ -363,6 +363,17 @@ def test_tasks_claim_the_outputs_that_fit_and_leave_the_rest_to_auto():
         plan_outputs(reference, {}, None, task="classification", **kwargs)
 
 
+def test_the_embedding_task_judges_token_outputs_per_real_token():
+    reference = {"last_hidden_state": np.ones((2, 5, 8)), "pooled": np.ones((2, 8))}
+
+    plans = plan_outputs(
+        reference, {}, None, task="embedding", overrides={}, plugin=False,
+        max_degradation=0.01, threshold_given=False,
+    )  # fmt: skip
+
+    assert [p.spec.name for p in plans] == ["cosine-tokens", "cosine"]
+
+
 def test_metric_overrides_parse_with_options_and_their_own_threshold():
     overrides = parse_overrides({"speech": "relative-error:quantile=1,max=0.2"})
     reference = {"speech": np.ones((4, 1)), "state": np.ones((4, 8))}

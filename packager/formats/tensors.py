@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_runtime.manifest import Measurements, MemoryFit
 
-from ..errors import FitError, PackagerError
+from ..errors import DataError, FitError, PackagerError
 from .base import Chosen, DataNeeds, FormatPipeline, Gate, Measure, Step, WeightCensus
 
 # Without a measurement the fit check uses this estimate: the engine holds the weights
@@ -26,7 +26,7 @@ ESTIMATE_OVERHEAD_MB = 16.0
 
 
 def _check_data(pipeline: FormatPipeline, settings) -> None:
-    if settings.eval is None:
+    if not settings.eval:
         raise PackagerError(
             f"{pipeline.noun} build needs --eval FILE.npz (held-out inputs, one array per "
             "model input)"
@@ -34,18 +34,43 @@ def _check_data(pipeline: FormatPipeline, settings) -> None:
     from ..metrics import check_settings  # numpy comes with the metrics, not the profiles
 
     check_settings(settings.metric, settings.metric_plugin)
+    # Every file is there before any work; their content is checked once the model's
+    # inputs are known (_load_data, right after validation).
+    for what in ("eval", "calibration"):
+        for path in getattr(settings, what):
+            if not Path(path).is_file():
+                raise DataError(f"{what} file {path} does not exist")
+            if Path(path).suffix.lower() != ".npz":
+                raise DataError(
+                    f"{what} file {path}: {pipeline.noun} build takes .npz files (np.savez, "
+                    "one array per model input, samples first)"
+                )
+    if (settings.batch_axis or settings.constant or settings.state) and pipeline.signature:
+        from ..feeding import feeding_spec
+
+        try:
+            inputs, outputs = pipeline.signature(settings.model)
+        except (TypeError, AttributeError, ImportError, NameError):
+            raise  # a bug in edgepack, not a model the check could not read
+        except Exception:  # noqa: BLE001 - the validating step says what is wrong with it
+            return
+        feeding_spec(settings, inputs, outputs)
 
 
 def _load_data(settings, facts: dict[str, Any], ctx) -> None:
-    from ..data import check_data, load_npz  # numpy comes with the data, not the profiles
+    # numpy comes with the data, not the profiles
+    from edge_runtime.feeding import Feeder
 
-    inputs = facts["inputs"]
-    names = [spec.name for spec in inputs]
-    ctx.evaluation, ctx.labels = load_npz(settings.eval, names, "eval")
-    check_data(inputs, ctx.evaluation, settings.eval)
-    if settings.calibration is not None:
-        ctx.calibration, _ = load_npz(settings.calibration, names, "calibration")
-        check_data(inputs, ctx.calibration, settings.calibration)
+    from ..data import load_dataset
+    from ..feeding import feeding_spec
+
+    inputs, outputs = facts["inputs"], facts.get("outputs", [])
+    spec = feeding_spec(settings, inputs, outputs)
+    facts["feeding"] = spec
+    feeder = Feeder(inputs, outputs, spec)
+    eval_sets = [load_dataset(path, feeder, "eval") for path in settings.eval]
+    calibration_sets = [load_dataset(path, feeder, "calibration") for path in settings.calibration]
+    ctx.use_data(eval_sets, calibration_sets)
     ctx.task = settings.task
     _check_metric_names(settings, facts)
 
@@ -65,7 +90,7 @@ TENSOR_DATA = DataNeeds(check=_check_data, load=_load_data)
 
 
 def _samples(ctx) -> int:
-    return len(next(iter(ctx.evaluation.values())))
+    return sum(dataset.samples for dataset in ctx.eval_sets)
 
 
 def _gate_options(settings, profile) -> dict[str, Any]:
@@ -172,8 +197,10 @@ def check_tensor_fit(
     return fit
 
 
-def _no_extra(chosen: Chosen, facts, settings, profile, progress) -> dict[str, Any]:
-    return {}  # the Package pass writes the self-test vectors from the eval data
+def _feeding(chosen: Chosen, facts, settings, profile, progress) -> dict[str, Any]:
+    # The Package pass writes the self-test vectors from the eval data; the manifest
+    # records how the model is fed, so the device feeds it as the gate did.
+    return {"feeding": facts.get("feeding")}
 
 
 def tensor_bench(run: Callable[[dict], Any], request: dict) -> Callable[[], dict]:
@@ -216,6 +243,6 @@ def tensor_format(
             announce="measure: latency p50/p95, peak memory on this host",
         ),
         fit=check_tensor_fit,
-        extra_manifest=_no_extra,
+        extra_manifest=_feeding,
         **own,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from ..data import sample, sample_count
+from ..data import DataSet, plain_dataset
 from ..formats import detect_format, formats
 from ..metrics import (
     combine,
@@ -26,25 +26,31 @@ from ..metrics import (
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
 
-def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run every sample one at a time on the host CPU; stack the outputs.
+def run_dataset(model_path: Path, dataset: DataSet) -> dict[str, np.ndarray]:
+    """Run every sample of ``dataset`` on the host CPU, one at a time, fed as its feeder
+    says (batch axes, constants, carried state); outputs with one row per sample.
 
     The model's format (from its suffix) opens it, through the session class its device
     backend uses (``OnnxSession``, ``TfliteSession``).
     """
-    run = detect_format(model_path).host_session(model_path).run
-    collected: dict[str, list[np.ndarray]] = {}
-    for index in range(sample_count(data)):
-        for name, value in run(sample(data, index)).items():
-            collected.setdefault(name, []).append(value)
-    return {name: np.concatenate(values) for name, values in collected.items()}
+    return dataset.run(detect_format(model_path).host_session(model_path).run)
 
 
-def reference_outputs(ctx: PassContext) -> dict[str, np.ndarray]:
-    """fp32 outputs of the source model on the eval data, computed once per build."""
-    if ctx.reference_outputs is None:
-        ctx.reference_outputs = run_samples(ctx.source, ctx.evaluation)
-    return ctx.reference_outputs
+def run_samples(model_path: Path, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run every sample of plain arrays (batch of one on axis 0); stack the outputs."""
+    return run_dataset(model_path, plain_dataset(data))
+
+
+def reference_outputs(ctx: PassContext, dataset: DataSet | None = None) -> dict[str, np.ndarray]:
+    """fp32 outputs of the source model on one eval file (default: the first), computed
+    once per build."""
+    sets = ctx.eval_sets
+    dataset = dataset or sets[0]
+    if dataset.reference is None:
+        dataset.reference = run_dataset(ctx.source, dataset)
+    if dataset is sets[0]:
+        ctx.reference_outputs = dataset.reference
+    return dataset.reference
 
 
 class EvaluateConfig(PassConfig):
@@ -117,7 +123,19 @@ class Evaluate(Pass):
         return rows, summary_figures(reference, candidate)
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
-        reference = reference_outputs(ctx)
-        candidate = run_samples(model.path, ctx.evaluation)
-        rows, summary = self.score(reference, candidate, ctx.evaluation, ctx.labels)
-        return PassOutput(model, combine(rows, [summary]))
+        # Each eval file (one per resolution) is scored; the gate takes the worst row.
+        many = len(ctx.eval_sets) > 1
+        rows, summaries = [], []
+        for dataset in ctx.eval_sets:
+            reference = reference_outputs(ctx, dataset)
+            candidate = run_dataset(model.path, dataset)
+            name = dataset.path.name if many else None
+            found, summary = self.score(
+                reference, candidate, dataset.arrays, dataset.labels, eval_file=name
+            )
+            rows.extend(found)
+            summaries.append(summary)
+            if many:
+                worst = max((row["degradation"] for row in found), default=0.0)
+                ctx.progress(f"  {name}: worst degradation {worst:.4g}")
+        return PassOutput(model, combine(rows, summaries))

@@ -288,3 +288,29 @@ def test_the_cli_takes_metrics_and_shows_the_worst_output(detector, keypair, tmp
     assert (status, output, metric, limit) == ("failed", "detections", "detection", "0.05")
     assert float(degradation) > 0.9
     assert "error: no recipe met --max-degradation 0.01" in failed.stderr
+
+
+def test_each_eval_file_is_scored_and_named(detector, keypair, tmp_path):
+    rng = np.random.default_rng(5)
+    second = tmp_path / "second.npz"
+    np.savez(second, x=rng.normal(scale=2.0, size=(8, FEATURES)).astype(np.float32))
+    settings = dict(detector, eval=[detector["eval"], second])
+
+    fp32 = build_bundle(
+        config(settings, keypair[0], tmp_path / "s.edgepkg", recipe="fp32", task="detection")
+    )
+    with pytest.raises(GateError) as error:
+        build_bundle(config(settings, keypair[0], tmp_path / "t.edgepkg", recipe=STATIC))
+
+    rows = fp32.manifest.quantization.attempts[0].outputs
+    assert [(r.output, r.eval_file) for r in rows] == [
+        ("detections", "eval.npz"),
+        ("quality", "eval.npz"),
+        ("detections", "second.npz"),
+        ("quality", "second.npz"),
+    ]
+    assert (
+        "output     quality: relative-error, degradation 0, limit 0.01 on second.npz, passed"
+        in (summary_text(fp32.manifest))
+    )
+    assert "on output 'detections' (channel-groups, " in error.value.attempts[0].reason

@@ -296,6 +296,19 @@ def test_crushed_scores_fail_channel_groups_and_detection_though_the_whole_cosin
     assert detection == 1.0
 
 
+def test_channel_groups_can_be_declared():
+    reference = yolo_output()
+    crushed = int8_with_one_scale(reference)
+
+    degradation, figures = score("channel-groups", reference, crushed, split="4;5")
+
+    assert figures["groups"] == 3
+    assert [figures[f"group{i}_channels"] for i in range(3)] == [4, 1, 2]
+    assert degradation > 0.5
+    with pytest.raises(PackagerError, match="split='9' must list channels between 1 and 6"):
+        score("channel-groups", reference, crushed, split="9")
+
+
 def test_detection_keeps_a_faithful_candidate_in_either_layout():
     reference = yolo_output()
     candidate = reference + RNG.normal(scale=0.004, size=reference.shape).astype(np.float32)

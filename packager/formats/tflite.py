@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,18 +17,22 @@ from .tensors import tensor_bench, tensor_format
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
     from edge_runtime.backends.tflite import TfliteSession
 
+# Before an int8 recipe, float16 weights (DEQUANTIZE-fed constants) are folded back to
+# float32 and checked against the source; a float32 source leaves no record of it.
+_FLOAT32_WEIGHTS = Step("TfliteDequantizeFp16", only_if_changed=True)
+
 RECIPES = recipes_by_name(
     Recipe(
         "int8-static",
         "int8 weights and activations, ranges calibrated on --calibration data "
         "(ai-edge-quantizer); float inputs and outputs",
-        (Step("TfliteQuantize", {"mode": "int8-static"}),),
+        (_FLOAT32_WEIGHTS, Step("TfliteQuantize", {"mode": "int8-static"})),
         needs_calibration=True,
     ),
     Recipe(
         "int8-dynamic",
         "int8 per-channel weights, activations quantized at run time (ai-edge-quantizer)",
-        (Step("TfliteQuantize", {"mode": "int8-dynamic"}),),
+        (_FLOAT32_WEIGHTS, Step("TfliteQuantize", {"mode": "int8-dynamic"})),
     ),
     Recipe(
         "fp16",
@@ -94,7 +99,16 @@ def _validated(facts: dict, precision: str) -> str:
     return f"validate: {facts['interpreter']}, {operators} operators, {precision} weights"
 
 
-PIPELINE = tensor_format(
+def _refusal(limit: float) -> tuple[str, str]:
+    return (
+        f"no recipe met --max-degradation {limit}",
+        "A skipped recipe says why it did not apply. To bundle the model unquantized, put "
+        "as-is at the end of the profile's tflite recipes or pass --recipe as-is; otherwise "
+        "raise --max-degradation or check the eval data.",
+    )
+
+
+_PIPELINE = tensor_format(
     name="tflite",
     rank=2,  # profiles list onnx, gguf, tflite
     noun="a TFLite",
@@ -114,10 +128,17 @@ PIPELINE = tensor_format(
             announce=lambda p: "validate: flatbuffer structure, interpreter load, signature",
             report=_validated,
         ),
+        # A signature for a model without one; operator codes where the quantizer reads them.
+        Step("TfliteNormalize", only_if_changed=True),
     ),
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
+)
+
+# TFLite has no "fp32" recipe: the way out of a refusal is as-is.
+PIPELINE = dataclasses.replace(
+    _PIPELINE, gate=dataclasses.replace(_PIPELINE.gate, refusal=_refusal)
 )

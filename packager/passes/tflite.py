@@ -1,9 +1,13 @@
-"""TFLite (LiteRT) passes: validate a .tflite model, and quantize it with ai-edge-quantizer.
+"""TFLite (LiteRT) passes: validate a .tflite model, normalize it, and quantize it with
+ai-edge-quantizer.
 
 Validation walks the flatbuffer (``edge_runtime.tflite_file``) and then loads it in the
 interpreter the device will use, so a model that cannot run is refused here, not in the
-field. Quantization uses Google's ``ai-edge-quantizer``, the maintained successor of the
-TensorFlow converter's post-training options; it runs offline on the .tflite file itself.
+field. Normalization gives a signature-less model its ``serving_default`` signature and
+moves old-style operator codes where the quantizer reads them (``packager.tflite_rewrite``).
+An fp16-weight model is folded back to float32 before an int8 recipe. Quantization uses
+Google's ``ai-edge-quantizer``, the maintained successor of the TensorFlow converter's
+post-training options; it runs offline on the .tflite file itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pydantic import Field
 from edge_runtime.errors import BackendError, ModelFileError
 from edge_runtime.tflite_file import check_tflite
 
+from .. import tflite_rewrite
 from ..data import sample, sample_count
 from ..errors import ModelValidationError
 from ..formats.tflite import host_session
@@ -31,9 +36,13 @@ from .base import (
     PassOutput,
     RecipeSkippedError,
 )
+from .evaluate import reference_outputs, run_samples
+from .onnx_opset import output_drift
 
 # Precision recorded in the manifest for each quantization mode.
 MODE_PRECISION = {"int8-static": "int8", "int8-dynamic": "int8", "fp16": "fp16"}
+# Weight tensor types that show a precision is in the file.
+PRECISION_WEIGHT_TYPES = {"int8": ("int8", "uint8", "int4"), "fp16": ("float16",)}
 QUANTIZER_HINT = "pip install 'edgepack[packager]' (it brings ai-edge-quantizer)"
 
 
@@ -70,6 +79,113 @@ class TfliteValidate(Pass):
         return PassOutput(ModelArtifact(model.path, "tflite", precision), metrics)
 
 
+class TfliteNormalizeConfig(PassConfig):
+    pass
+
+
+class TfliteNormalize(Pass):
+    """Adds a ``serving_default`` signature to a model without one (keyed by its tensor
+    names, the names the interpreter already gives), and writes operator codes older
+    converters left in the deprecated field where ai-edge-quantizer reads them.
+
+    Neither changes what the model computes; a model that needs neither is left as it is
+    (and the step leaves no record).
+    """
+
+    name = "TfliteNormalize"
+    Config = TfliteNormalizeConfig
+    input_formats = frozenset({"tflite"})
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        try:
+            from ai_edge_litert.tools import flatbuffer_utils  # noqa: F401
+        except ImportError:
+            # Only the rewrite needs it; the interpreter runs the model as it is, and the
+            # quantizing recipes say ai-edge-quantizer (which brings it) is missing.
+            return PassOutput(model)
+        output = out_dir / "model.tflite"
+        done = tflite_rewrite.normalize(model.path, output)
+        if not done.changed:
+            return PassOutput(model)
+        try:
+            session = host_session(output, 1)
+        except (ModelFileError, BackendError) as exc:
+            raise PassFailedError(f"the rewritten model does not load: {exc}") from None
+        metrics = {
+            "inputs": session.input_specs(),
+            "outputs": session.output_specs(),
+            "signature": session.signature,
+            "facts": session.facts,
+            "builtin_codes_filled": done.builtin_codes,
+        }
+        if done.signature:
+            metrics["signature_added"] = done.signature
+            ctx.progress(
+                f"normalize: no signature; added {tflite_rewrite.SIGNATURE_KEY} (inputs "
+                f"{', '.join(done.signature['inputs'])}; outputs "
+                f"{', '.join(done.signature['outputs'])})"
+            )
+        if done.builtin_codes:
+            ctx.progress(
+                f"normalize: {done.builtin_codes} operator codes moved out of the deprecated "
+                "field, where ai-edge-quantizer reads them"
+            )
+        return PassOutput(ModelArtifact(output, "tflite", model.precision), metrics)
+
+
+class TfliteDequantizeFp16Config(PassConfig):
+    rtol: float = Field(
+        1e-4,
+        gt=0,
+        description="largest difference allowed between the float32 and the float16-weight "
+        "model's outputs, relative to the largest value of that output",
+    )
+    check_samples: int = Field(
+        8, ge=1, description="eval samples the float32 model is checked against the source on"
+    )
+
+
+class TfliteDequantizeFp16(Pass):
+    """Folds each DEQUANTIZE of a float16 constant into the float32 constant it computes,
+    so an int8 recipe starts from float32 weights; checked against the source's outputs.
+
+    A model without such weights is left as it is (and the step leaves no record).
+    """
+
+    name = "TfliteDequantizeFp16"
+    Config = TfliteDequantizeFp16Config
+    input_formats = frozenset({"tflite"})
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        if model.precision != "fp16":
+            return PassOutput(model)
+        try:
+            from ai_edge_litert.tools import flatbuffer_utils  # noqa: F401
+        except ImportError as exc:
+            raise RecipeSkippedError(
+                f"the source model has float16 weights, and folding them into float32 needs "
+                f"ai-edge-litert ({exc}); {QUANTIZER_HINT}"
+            ) from None
+        output = out_dir / "model.tflite"
+        done = tflite_rewrite.dequantize_fp16(model.path, output)
+        if not done.changed:
+            return PassOutput(model)  # float16 weights, but not behind DEQUANTIZE operators
+        count = min(self.config.check_samples, sample_count(ctx.evaluation))
+        subset = {name: values[:count] for name, values in ctx.evaluation.items()}
+        reference = {name: values[:count] for name, values in reference_outputs(ctx).items()}
+        drifted = output_drift(run_samples(output, subset), reference, self.config.rtol)
+        if drifted:
+            raise PassFailedError(
+                "folding the float16 weights into float32 changed what the model computes on "
+                f"the eval data: {'; '.join(drifted)}"
+            )
+        ctx.progress(
+            f"dequantize: {len(done.folded)} float16 weights folded into float32; the outputs "
+            f"match the source's on {count} eval samples"
+        )
+        return PassOutput(ModelArtifact(output, "tflite", "fp32"), {"folded": len(done.folded)})
+
+
 class TfliteQuantizeConfig(PassConfig):
     mode: Literal["int8-static", "int8-dynamic", "fp16"] = Field(
         description="int8-static: int8 weights and activations, ranges from calibration "
@@ -88,7 +204,8 @@ class TfliteQuantize(Pass):
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         if model.precision != "fp32":
             # Quantizing quantized weights again only loses accuracy; the chain moves on
-            # and, at its end, as-is bundles the model unchanged.
+            # and, at its end, as-is bundles the model unchanged. (An int8 recipe folds
+            # float16 weights back to float32 first: TfliteDequantizeFp16.)
             raise RecipeSkippedError(
                 f"the source model is already {model.precision}; the as-is recipe bundles it "
                 "unchanged"
@@ -130,13 +247,24 @@ class TfliteQuantize(Pass):
                 # progress lines; failures still arrive as exceptions.
                 with contextlib.redirect_stderr(io.StringIO()):
                     calibration = engine.calibrate(data)
-            result = engine.quantize(
-                calibration, enable_progress_bar=False, enable_progress_report=False
-            )
+            # Its "Applying Transformations" bar ignores enable_progress_bar; as above.
+            with contextlib.redirect_stderr(io.StringIO()):
+                result = engine.quantize(
+                    calibration, enable_progress_bar=False, enable_progress_report=False
+                )
         output = out_dir / "model.tflite"
         result.export_model(str(output), overwrite=True)
-        check_tflite(output)  # the quantizer's own output must still be a sound model
-        return PassOutput(ModelArtifact(output, "tflite", MODE_PRECISION[mode]))
+        facts = check_tflite(output)  # the quantizer's own output must still be a sound model
+        precision = MODE_PRECISION[mode]
+        if not any(facts.weight_types.get(t) for t in PRECISION_WEIGHT_TYPES[precision]):
+            # The engine would refuse it too ("nothing was quantized"); here the reason can
+            # name the operators the quantizer left alone.
+            raise PassFailedError(
+                f"nothing was quantized: ai-edge-quantizer's {mode} recipe left every weight "
+                f"in float32; the model's weighted operators are "
+                f"{tflite_rewrite.describe_weighted_operators(model.path)}"
+            )
+        return PassOutput(ModelArtifact(output, "tflite", precision))
 
     def _calibration_data(self, model: ModelArtifact, ctx: PassContext) -> dict[str, list]:
         if ctx.calibration is None:

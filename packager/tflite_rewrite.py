@@ -42,10 +42,11 @@ class Rewrite:
     signature: dict[str, list[str]] | None = None  # {"inputs": [...], "outputs": [...]}
     builtin_codes: int = 0  # operator codes moved out of the deprecated field
     folded: list[str] = field(default_factory=list)  # float16 constants made float32
+    fused: int = 0  # RELU operators folded into the operator before them
 
     @property
     def changed(self) -> bool:
-        return bool(self.signature or self.builtin_codes or self.folded)
+        return bool(self.signature or self.builtin_codes or self.folded or self.fused)
 
 
 def read_model(path: Path) -> Any:
@@ -265,6 +266,63 @@ def dequantize_fp16(source: Path, output: Path) -> Rewrite:
     """Fold the float16 weights of ``source`` into float32; write ``output`` if any were."""
     model = read_model(source)
     done = Rewrite(folded=fold_fp16_dequantize(model))
+    if done.changed:
+        write_model(model, output)
+    return done
+
+
+_RELU = 19  # BuiltinOperator.RELU
+_FUSABLE = {0: "ADD", 3: "CONV_2D", 4: "DEPTHWISE_CONV_2D"}  # ops with a fused activation
+_ACTIVATION_NONE, _ACTIVATION_RELU = 0, 1
+
+
+def fuse_relu(model: Any) -> int:
+    """Fold each RELU into the ADD or convolution before it (its fused activation), where
+    that op's output feeds nothing else. The same arithmetic in float; in int8 it keeps
+    XNNPACK from splitting the graph at every standalone RELU. Returns how many."""
+    fused = 0
+    for number, subgraph in enumerate(model.subgraphs):
+        kept_outputs = set(subgraph.outputs or [])
+        for signature in model.signatureDefs or []:
+            if signature.subgraphIndex == number:
+                kept_outputs.update(m.tensorIndex for m in signature.outputs or [])
+        producer, readers = {}, {}
+        for operator in subgraph.operators:
+            for index in operator.outputs or []:
+                producer[index] = operator
+            for index in operator.inputs or []:
+                readers[index] = readers.get(index, 0) + 1
+        dropped = set()
+        for operator in subgraph.operators:
+            if builtin_code(model.operatorCodes[operator.opcodeIndex]) != _RELU:
+                continue
+            source = operator.inputs[0]
+            before = producer.get(source)
+            if (
+                before is None
+                or builtin_code(model.operatorCodes[before.opcodeIndex]) not in _FUSABLE
+                or readers.get(source) != 1
+                or source in kept_outputs
+                or before.builtinOptions is None
+                or getattr(before.builtinOptions, "fusedActivationFunction", None)
+                != _ACTIVATION_NONE
+            ):
+                continue
+            before.builtinOptions.fusedActivationFunction = _ACTIVATION_RELU
+            before.outputs = [operator.outputs[0]]
+            producer[operator.outputs[0]] = before
+            dropped.add(id(operator))
+            fused += 1
+        if dropped:
+            subgraph.operators = [op for op in subgraph.operators if id(op) not in dropped]
+            _drop_unused_tensors(model, number)
+    return fused
+
+
+def fuse_activations(source: Path, output: Path) -> Rewrite:
+    """Fold standalone RELUs of ``source`` into their producers; write ``output`` if any."""
+    model = read_model(source)
+    done = Rewrite(fused=fuse_relu(model))
     if done.changed:
         write_model(model, output)
     return done

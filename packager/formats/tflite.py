@@ -26,7 +26,12 @@ RECIPES = recipes_by_name(
         "int8-static",
         "int8 weights and activations, ranges calibrated on --calibration data "
         "(ai-edge-quantizer); float inputs and outputs",
-        (_FLOAT32_WEIGHTS, Step("TfliteQuantize", {"mode": "int8-static"})),
+        (
+            _FLOAT32_WEIGHTS,
+            # Standalone RELUs would split XNNPACK's int8 graph (see the pass).
+            Step("TfliteFuseActivations", only_if_changed=True),
+            Step("TfliteQuantize", {"mode": "int8-static"}),
+        ),
         needs_calibration=True,
     ),
     Recipe(

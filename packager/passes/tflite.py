@@ -187,6 +187,40 @@ class TfliteDequantizeFp16(Pass):
         return PassOutput(ModelArtifact(output, "tflite", "fp32"), {"folded": len(done.folded)})
 
 
+class TfliteFuseActivationsConfig(PassConfig):
+    pass
+
+
+class TfliteFuseActivations(Pass):
+    """Folds each standalone RELU into the ADD or convolution before it (its fused
+    activation), before static int8 quantization.
+
+    The float arithmetic is the same. In int8, XNNPACK takes no standalone RELU, so each
+    one split the graph into another delegate partition with a reference kernel between:
+    MediaPipe's BlazeFace detector (17 RELUs after ADDs) ran in 18 partitions at 14 ms,
+    fused in one at 4 ms. The fused output range also starts at 0, which gives the int8
+    activations twice the resolution. A model without such RELUs is left as it is.
+    """
+
+    name = "TfliteFuseActivations"
+    Config = TfliteFuseActivationsConfig
+    input_formats = frozenset({"tflite"})
+
+    def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
+        if model.precision != "fp32":
+            return PassOutput(model)  # TfliteQuantize says why it skips this model
+        try:
+            from ai_edge_litert.tools import flatbuffer_utils  # noqa: F401
+        except ImportError:
+            return PassOutput(model)  # TfliteQuantize says ai-edge-quantizer is missing
+        output = out_dir / "model.tflite"
+        done = tflite_rewrite.fuse_activations(model.path, output)
+        if not done.changed:
+            return PassOutput(model)
+        ctx.progress(f"fuse: {done.fused} RELU operators folded into the operator before them")
+        return PassOutput(ModelArtifact(output, "tflite", model.precision), {"fused": done.fused})
+
+
 class TfliteQuantizeConfig(PassConfig):
     mode: Literal["int8-static", "int8-dynamic", "fp16"] = Field(
         description="int8-static: int8 weights and activations, ranges from calibration "

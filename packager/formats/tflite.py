@@ -83,6 +83,12 @@ def host_session(path: Path, threads: int | None = None) -> TfliteSession:
     return TfliteSession(path, threads or os.cpu_count() or 1, True)
 
 
+def signature(path: Path) -> tuple[list, list]:
+    """Inputs and outputs, as TfliteValidate reads them."""
+    session = host_session(path, 1)
+    return session.input_specs(), session.output_specs()
+
+
 def weight_counts(path: Path) -> dict[str, int]:
     """Constant tensors (those with data in a buffer) by type, from the flatbuffer."""
     from edge_runtime.tflite_file import check_tflite
@@ -105,11 +111,14 @@ def _validated(facts: dict, precision: str) -> str:
 
 
 def _refusal(limit: float) -> tuple[str, str]:
+    """The shared gate's words, with TFLite's way out: as-is (there is no fp32 recipe)."""
+    failed, _ = _PIPELINE.gate.refusal(limit)
     return (
-        f"no recipe met --max-degradation {limit}",
-        "A skipped recipe says why it did not apply. To bundle the model unquantized, put "
-        "as-is at the end of the profile's tflite recipes or pass --recipe as-is; otherwise "
-        "raise --max-degradation or check the eval data.",
+        failed,
+        "A skipped recipe says why it did not apply. Raise the threshold (or one output's: "
+        "--metric OUTPUT=NAME:max=V), pick a metric that fits the output (--task, --metric; "
+        "docs/quantization.md), check the eval data, or bundle the model unquantized: "
+        "--recipe as-is, or as-is at the end of the profile's tflite recipes.",
     )
 
 
@@ -139,6 +148,7 @@ _PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
+    signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
 )

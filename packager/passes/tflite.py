@@ -25,7 +25,6 @@ from edge_runtime.errors import BackendError, ModelFileError
 from edge_runtime.tflite_file import check_tflite
 
 from .. import tflite_rewrite
-from ..data import sample, sample_count
 from ..errors import ModelValidationError
 from ..formats.tflite import host_session
 from .base import (
@@ -37,7 +36,7 @@ from .base import (
     PassOutput,
     RecipeSkippedError,
 )
-from .evaluate import reference_outputs, run_samples
+from .evaluate import reference_outputs, run_dataset
 from .onnx_opset import output_drift
 
 # Precision recorded in the manifest for each quantization mode.
@@ -141,9 +140,6 @@ class TfliteDequantizeFp16Config(PassConfig):
         description="largest difference allowed between the float32 and the float16-weight "
         "model's outputs, relative to the largest value of that output",
     )
-    check_samples: int = Field(
-        8, ge=1, description="eval samples the float32 model is checked against the source on"
-    )
 
 
 class TfliteDequantizeFp16(Pass):
@@ -171,10 +167,10 @@ class TfliteDequantizeFp16(Pass):
         done = tflite_rewrite.dequantize_fp16(model.path, output)
         if not done.changed:
             return PassOutput(model)  # float16 weights, but not behind DEQUANTIZE operators
-        count = min(self.config.check_samples, sample_count(ctx.evaluation))
-        subset = {name: values[:count] for name, values in ctx.evaluation.items()}
-        reference = {name: values[:count] for name, values in reference_outputs(ctx).items()}
-        drifted = output_drift(run_samples(output, subset), reference, self.config.rtol)
+        dataset = ctx.eval_sets[0]
+        drifted = output_drift(
+            run_dataset(output, dataset), reference_outputs(ctx, dataset), self.config.rtol
+        )
         if drifted:
             raise PassFailedError(
                 "folding the float16 weights into float32 changed what the model computes on "
@@ -182,7 +178,7 @@ class TfliteDequantizeFp16(Pass):
             )
         ctx.progress(
             f"dequantize: {len(done.folded)} float16 weights folded into float32; the outputs "
-            f"match the source's on {count} eval samples"
+            f"match the source's on {dataset.samples} eval samples"
         )
         return PassOutput(ModelArtifact(output, "tflite", "fp32"), {"folded": len(done.folded)})
 
@@ -334,5 +330,5 @@ class TfliteQuantize(Pass):
         if not signatures:
             raise PassFailedError("int8-static needs a model with a signature (serving_default)")
         # Batch-1 models take one sample per call; ai-edge-quantizer runs them in turn.
-        samples = [sample(ctx.calibration, i) for i in range(sample_count(ctx.calibration))]
-        return {signatures[0]: samples}
+        # Every --calibration file, fed as the model is (batch axes, constants, state).
+        return {signatures[0]: ctx.calibration_feeds()}

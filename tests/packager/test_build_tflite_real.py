@@ -341,3 +341,30 @@ def test_fp16_recipe_on_an_fp16_source_is_skipped_with_advice(
     assert "fp16: skipped (the source model is already fp16; the as-is recipe bundles it" in message
     assert "--recipe as-is" in message
     assert "add fp32" not in message
+
+
+def test_cli_says_what_it_did_to_the_fp16_detector(
+    detector_model, detector_data, keypair, tmp_path
+):
+    from tests.packager.test_cli import edgepack
+
+    common = ["--profile", PROFILE, "--key", str(keypair[0]), "--no-measure"]
+    common += ["--calibration", str(detector_data[0]), "--eval", str(detector_data[1])]
+    done = edgepack(
+        "build", str(detector_model), *common, "--metric-plugin", FACES["metric_plugin"],
+        "-o", str(tmp_path / "cli.edgepkg"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "normalize: no signature; added serving_default (inputs input;" in done.stderr
+    assert "dequantize: 74 float16 weights folded into float32" in done.stderr
+    assert "Applying Transformations" not in done.stderr  # the quantizer's own bar
+
+    refused = edgepack(
+        "build", str(detector_model), *common, "--recipe", "fp16",
+        "-o", str(tmp_path / "fp16.edgepkg"),
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "fp16: skipped (the source model is already fp16" in refused.stderr
+    assert "--recipe as-is" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "fp16.edgepkg").exists()

@@ -132,7 +132,8 @@ def add_signature(model: Any) -> dict[str, list[str]] | None:
 
 
 def fp16_dequantize_pairs(model: Any) -> list[tuple[int, int]]:
-    """(subgraph, operator) of each DEQUANTIZE that turns a float16 constant into float32."""
+    """(subgraph, operator) of each DEQUANTIZE that turns a dense float16 constant into
+    float32. Sparse weights (DENSIFY, then DEQUANTIZE) stay as they are."""
     pairs = []
     for number, subgraph in enumerate(model.subgraphs):
         for position, operator in enumerate(subgraph.operators or []):
@@ -144,6 +145,7 @@ def fp16_dequantize_pairs(model: Any) -> list[tuple[int, int]]:
             if (
                 source.type == _FLOAT16
                 and target.type == _FLOAT32
+                and source.sparsity is None  # stored compressed: DENSIFY reads it, not us
                 and data is not None
                 and len(data)
                 and model.buffers[target.buffer].data is None

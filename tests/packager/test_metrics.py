@@ -175,6 +175,8 @@ def test_top1_counts_agreement_and_the_accuracy_drop_with_labels():
         "accuracy_drop": 0.25,
     }
     assert auto_metric("logits", reference, {}, np.array([0, 1, 0, 0])) == "top1"
+    embedding = RNG.normal(size=(4, 16))  # beside the logits: not graded by the labels
+    assert auto_metric("embedding", embedding, {}, np.array([9, 9, 9, 9])) == "cosine"
 
 
 def test_top1_on_a_declared_axis():

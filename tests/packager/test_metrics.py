@@ -453,6 +453,25 @@ def test_a_nan_or_reshaped_candidate_is_fully_degraded():
         (1.0, {"nonfinite_values": 3.0}),
         (1.0, {"shape_mismatch": 1.0}),
     ]
+    summary = summary_figures(reference, candidate)  # finite, for the manifest's JSON
+    assert summary["max_abs_error"] == 1e30 and summary["cosine_min"] == 0.0
+
+
+def test_a_metric_that_cannot_say_fails_the_output(monkeypatch):
+    from packager.metrics import registry
+
+    monkeypatch.setitem(
+        registry.METRICS,
+        "unsure",
+        registry.Metric("unsure", lambda r, c, ctx: (float("nan"), {"x": float("inf")}), ""),
+    )
+    reference = {"y": np.ones((2, 3))}
+
+    (row,) = score_dataset(
+        [OutputPlan("y", MetricSpec("unsure"), 0.5)], reference, reference, {}, None
+    )
+
+    assert (row["degradation"], row["passed"], row["figures"]) == (1.0, False, {"x": 1e30})
 
 
 def test_the_verdict_is_the_worst_output_over_every_dataset():

@@ -349,6 +349,18 @@ def test_detection_refuses_to_judge_when_the_reference_finds_nothing():
     assert score("detection", quiet, quiet, score_threshold=0.01)[0] == 0.0
 
 
+def test_detection_counts_only_the_declared_classes_of_a_segmentation_head():
+    reference = yolo_output()
+    coefficients = RNG.normal(scale=3.0, size=(4, 5, reference.shape[2])).astype(np.float32)
+    with_masks = np.concatenate([reference, coefficients], axis=1)  # 4 + 3 classes + 5
+    candidate = with_masks.copy()
+    candidate[:, 7:] = -candidate[:, 7:]  # the mask coefficients change; the boxes do not
+
+    degradation, figures = score("detection", with_masks, candidate, classes=3)
+
+    assert degradation == 0.0 and figures["reference_detections"] == 24
+
+
 def test_nms_suppresses_overlaps_within_a_class_only():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], float)
     scores = np.array([0.9, 0.8, 0.7, 0.6])

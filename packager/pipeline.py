@@ -288,10 +288,12 @@ def _try_recipe(
     progress(plan.pipeline.announce(recipe))
     candidate, records, excluded = prepared, [], []
     try:
-        for recipe_pass in passes:
+        for step, recipe_pass in zip(recipe.steps, passes, strict=True):
             output, record = recipe_pass.run(candidate, ctx)
             candidate = output.artifact
-            records.append(record)
+            # As in prepare: a step that found nothing to change leaves no record.
+            if record.output is not None or not step.only_if_changed:
+                records.append(record)
             # A mixed-precision pass names the nodes it kept in float.
             excluded = list(output.metrics.get("excluded_nodes", excluded))
         if census is not None:

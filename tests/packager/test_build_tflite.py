@@ -93,7 +93,7 @@ def test_bundle_verifies_selftests_and_matches_the_source(
     steps = manifest.steps
     assert [(step.name, step.config) for step in steps] == [
         ("TfliteValidate", {}),
-        ("TfliteQuantize", {"mode": "int8-static"}),
+        ("TfliteQuantize", {"mode": "int8-static", "calibration": "min-max"}),
     ]
     assert steps[0].output_sha256 is None
     assert steps[1].output_sha256 == manifest.file("model/model.tflite").sha256

@@ -20,7 +20,12 @@ from packager.errors import GateError, PackagerError
 from packager.onnx_activations import measure_activations
 from packager.passes import ModelArtifact, OnnxMixedPrecisionQuantize, PassContext
 from packager.passes.evaluate import Evaluate
-from packager.passes.onnx_mixed import head_concat_tensors, huge_constant_tensors, load_graph
+from packager.passes.onnx_mixed import (
+    head_concat_tensors,
+    huge_constant_tensors,
+    load_graph,
+    outlier_path,
+)
 from packager.profiles import load_profile
 
 TOKENS, WIDTH = 16, 32
@@ -376,3 +381,37 @@ def test_a_mixed_candidate_races_the_next_recipe_on_speed(tmp_path, keypair):
     assert (winner.status, loser.status) == ("passed", "failed")
     assert loser.reason.startswith(f"slower than {winner.recipe} on this host (")
     assert loser.metrics["degradation"] <= 0.05  # refused for its speed, not the gate
+
+
+def test_an_outlier_range_is_followed_through_bias_and_residual_additions(tmp_path):
+    """FFN output -> bias Add -> residual Add -> LayerNormalization: the outlier's range
+    rides the two additions, and the normalisation ends it."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.2, (WIDTH, WIDTH)).astype(np.float32)
+    weight[:, 3] *= 200.0  # one hidden dimension far larger than the others
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "w"], ["ffn"], name="ffn_matmul"),
+        node("Add", ["ffn", "bias"], ["biased"], name="ffn_bias"),
+        node("Add", ["biased", "x"], ["residual"], name="residual_add"),
+        node("LayerNormalization", ["residual", "gamma", "beta"], ["y"], name="norm", axis=-1),
+    ]
+    weights = {
+        "w": weight,
+        "bias": np.zeros(WIDTH, np.float32),
+        "gamma": np.ones(WIDTH, np.float32),
+        "beta": np.zeros(WIDTH, np.float32),
+    }
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])]
+    model = _save(tmp_path / "ffn.onnx", nodes, inputs, outputs, weights)
+    graph = load_graph(model)
+    feeds = list(plain_dataset(gaussian_data(8, 4)).feeds())
+    ranges = measure_activations(model, None, feeds, tmp_path).ranges
+
+    follow = outlier_path(graph, "ffn", ranges, 0.5)
+
+    assert follow == ["biased", "residual"]
+    nodes_kept = set().union(*(graph.keep_float(t) for t in ["ffn", *follow]))
+    assert nodes_kept == {"ffn_matmul", "ffn_bias", "residual_add", "norm"}
+    assert outlier_path(graph, "y", ranges, 0.5) == []  # a graph output has no readers

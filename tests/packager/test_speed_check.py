@@ -28,6 +28,7 @@ from packager.speed import (
     slower_reason,
     time_side_by_side,
 )
+from tests.packager.test_cli import edgepack
 
 WIDTH, LAYERS = 32, 16
 
@@ -118,6 +119,27 @@ def test_the_chain_goes_on_to_fp32_when_int8_is_slower(mlp, keypair, tmp_path):
     assert (fp32.status, fp32.speed) == ("passed", None)  # float is not timed against itself
     assert result.manifest.quantization.chosen == "fp32"
     assert result.manifest.model.precision == "fp32"
+
+
+@x86_only
+def test_the_build_table_shows_the_speed_and_why_a_passing_candidate_was_refused(
+    mlp, keypair, tmp_path
+):
+    data = load_profile("x86-64-avx2").model_dump(mode="json")
+    data["onnx"]["recipes"] = ["int8-dynamic-per-channel", "fp32"]
+    profile_file = tmp_path / "x86-dynamic.yaml"
+    profile_file.write_text(yaml.safe_dump(data))
+    model, evaluation = mlp
+    command = ["build", str(model), "--profile-file", str(profile_file), "--key", str(keypair[0])]
+    command += ["-o", str(tmp_path / "b.edgepkg"), "--eval", str(evaluation)]
+
+    built = edgepack(*command, "--max-degradation", "0.05")
+
+    assert built.returncode == 0, built.stderr
+    table = built.stderr[built.stderr.index("quantization attempts") :]
+    assert "x fp32" in table  # the speed column
+    # The status cell says why the gate's pass was refused (rich wraps it over lines).
+    assert "failed:" in table and "slower than" in table and "host (0." in table
 
 
 @x86_only

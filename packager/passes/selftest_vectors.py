@@ -45,7 +45,7 @@ class Margin:
 # wider bound instead of false failures on devices.
 # - fp32: MLAS (x86 AVX2/AVX-512) and XNNPACK/NEON (ARM) sum in different orders and fuse
 #   multiply-adds differently: a few float32 ulps per op. Measured on the build host with
-#   ONNX Runtime's fusions off: 4e-7 of the output's range on a YOLOv8n detector. 1e-4
+#   ONNX Runtime's fusions on and off: 4e-7 of the output's range on a YOLOv8n detector. 1e-4
 #   leaves more than two orders of magnitude (and is the floor older bundles used).
 # - fp16 (ARMv8.2 fp16 arithmetic, GPU half precision, and TF32 on CUDA for fp32 models):
 #   a 10-bit mantissa is ~5e-4 relative per op, which accumulates over layers: 2e-2.
@@ -55,9 +55,9 @@ class Margin:
 #   (about 6 steps of an int8 output quantized over it), rtol 5%. x86 AVX2 without VNNI
 #   is worse: ONNX Runtime's fused u8s8 kernels saturate 16-bit pair sums (vpmaddubsw),
 #   which the measured kernel spread catches (12% of the digits CNN's logit range, 17% of
-#   the detector's box range, between this AVX2 host's fused and exact kernels). A Pi 4
-#   (emulated cortex-a72) computes the exact path's logits to the bit
-#   (tests/integration/test_arm64_selftest.py).
+#   the detector's box range, 15% of MiniLM int8-dynamic's, between this AVX2 host's
+#   kernels and exact sums). A Pi 4 (emulated cortex-a72) computes the exact path's
+#   outputs (tests/integration/test_arm64_selftest.py, test_arm64.py).
 # A broken runtime (wrong kernels, a corrupted or other model, inputs mixed up) moves
 # outputs by a large fraction of their range, beyond each of these.
 MARGINS = {

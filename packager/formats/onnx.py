@@ -86,7 +86,7 @@ class _ExactSession:
     """The model with exact integer sums, as on ARM or with VNNI, where ONNX Runtime's
     x86 AVX2 int8 kernels saturate 16-bit pair sums: graph fusions off (a QDQ model runs
     as dequantize, float op, quantize) and MatMulInteger/ConvInteger in float
-    (``packager.onnx_exact``). For the self-test bounds only."""
+    (``packager.onnx_exact``). For the self-test's alternate reference only."""
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort

@@ -74,7 +74,7 @@ def host_session(path: Path, threads: int | None = None) -> TfliteSession:
 
 
 def reference_kernels(path: Path) -> TfliteSession:
-    """The model on LiteRT's built-in kernels, XNNPACK off (for the self-test bounds)."""
+    """The model on LiteRT's built-in kernels, XNNPACK off (the self-test's second path)."""
     from edge_runtime.backends.tflite import TfliteSession
 
     return TfliteSession(path, os.cpu_count() or 1, False)

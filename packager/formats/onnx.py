@@ -24,6 +24,26 @@ RECIPES = recipes_by_name(
         needs_calibration=True,
     ),
     Recipe(
+        "int8-static-percentile",
+        "int8 QDQ as int8-static-qdq-per-channel, activation ranges clipped at the 99.999th "
+        "percentile, so a few outliers no longer waste the int8 levels",
+        (Step("OnnxStaticQuantize", {"per_channel": True, "calibrate_method": "percentile"}),),
+        needs_calibration=True,
+    ),
+    Recipe(
+        "int8-static-entropy",
+        "int8 QDQ as int8-static-qdq-per-channel, activation ranges that minimise the KL "
+        "divergence of each histogram (slower to calibrate)",
+        (Step("OnnxStaticQuantize", {"per_channel": True, "calibrate_method": "entropy"}),),
+        needs_calibration=True,
+    ),
+    Recipe(
+        "int8-static-mixed",
+        "int8 QDQ with the nodes that break the gate kept in float, found automatically",
+        (Step("OnnxMixedPrecisionQuantize", {"per_channel": True}),),
+        needs_calibration=True,
+    ),
+    Recipe(
         "int8-dynamic-per-channel",
         "int8 per-channel weights; activations quantized at run time",
         (Step("OnnxDynamicQuantize", {"per_channel": True}),),
@@ -75,11 +95,23 @@ def backend_spec(profile) -> OnnxBackendSpec:
     )
 
 
-def host_session(path: Path) -> OnnxSession:
-    """The model on this host's CPU, every core, for the evaluate pass."""
+def host_session(
+    path: Path, threads: int | None = None, backend: OnnxBackendSpec | None = None
+) -> OnnxSession:
+    """The model on this host's CPU: every core unless ``threads`` is given, ONNX Runtime's
+    session defaults unless ``backend`` (the profile's spec) sets the arena and spinning.
+    The evaluate pass takes the defaults; the speed check passes the profile's settings."""
     from edge_runtime.backends.onnx import OnnxSession
 
-    return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
+    options = {}
+    if backend is not None:
+        options = {
+            "cpu_mem_arena": backend.enable_cpu_mem_arena,
+            "allow_spinning": backend.allow_spinning,
+        }
+    return OnnxSession(
+        path, threads=threads or os.cpu_count() or 1, providers=["CPUExecutionProvider"], **options
+    )
 
 
 class _ExactSession:

@@ -18,6 +18,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.manifest import SpeedCheck
+from edge_runtime.summary import summary_rows
 from packager.build import BuildConfig, build_bundle
 from packager.errors import GateError
 from packager.profiles import load_profile
@@ -159,6 +160,10 @@ def test_an_arm_profile_built_on_x86_records_the_speed_as_not_representative(
     assert attempt.speed.representative is False
     assert attempt.speed.ratio < 1  # slower here, but this host says nothing about a Pi
     assert result.manifest.quantization.chosen == "int8-dynamic-per-channel"
+    # inspect and info show it, with the caveat
+    [speed] = [value for label, value in summary_rows(result.manifest) if label == "speed"]
+    assert speed.startswith(f"{attempt.speed.ratio:.2f}x fp32 on the build host")
+    assert "host not representative of the target" in speed
 
 
 def test_no_measure_builds_time_nothing(mlp, keypair, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime import Runtime
+from edge_runtime.summary import summary_rows
 from packager.build import BuildConfig, build_bundle
 from packager.data import plain_dataset
 from packager.errors import GateError, PackagerError
@@ -300,6 +301,9 @@ def test_build_chooses_mixed_and_records_the_excluded_nodes(tmp_path, keypair):
     assert chosen.status == "passed"
     assert {"mask_add", "softmax"} <= set(chosen.excluded_nodes)
     assert manifest.model.precision == "int8"
+    # inspect and info name them
+    [kept] = [value for label, value in summary_rows(manifest) if label == "kept float"]
+    assert kept.startswith(f"{len(chosen.excluded_nodes)} nodes: ") and "mask_add" in kept
     with Runtime.open(config.output, keypair[1]) as runtime:
         assert runtime.selftest().passed
 

@@ -61,13 +61,18 @@ class Margin:
 #   12% of the digits CNN's logit range, 17% of the detector's box range, 15% of MiniLM
 #   int8-dynamic's away from exact sums, which is what the alternate reference holds. A
 #   Pi 4 (emulated cortex-a72) computes those exact-sum outputs
-#   (tests/integration/test_arm64_selftest.py, test_arm64.py).
+#   (tests/integration/test_arm64_selftest.py, test_arm64.py). Static QDQ models differ
+#   more: on a Pi 4 ONNX Runtime fuses QDQ pairs into QLinear kernels whose fixed-point
+#   requantization rounds unlike either path on this host; MiniLM int8-static-mixed landed
+#   12% of its output range away (max 0.0258 on values up to 0.22), cosine 0.988 to the
+#   host's outputs (test_arm64.py, emulated cortex-a72). Hence 15% and a cosine margin of
+#   0.02: still 4x tighter than twice the eval error, and a broken model is far outside.
 # A broken runtime (wrong kernels, a corrupted or other model, inputs mixed up) moves
 # outputs by a large fraction of their range, beyond each of these.
 MARGINS = {
     "fp32": Margin(atol=1e-4, rtol=1e-4, cosine=1e-5),
     "fp16": Margin(atol=2e-2, rtol=2e-2, cosine=1e-3),
-    "int8": Margin(atol=5e-2, rtol=5e-2, cosine=5e-3),
+    "int8": Margin(atol=1.5e-1, rtol=1e-1, cosine=2e-2),
 }
 
 

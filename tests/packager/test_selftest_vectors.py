@@ -131,8 +131,8 @@ def test_each_output_is_bounded_on_its_own_magnitude():
     box_bound = output_bound(boxes, MARGINS["int8"])
     score_bound = output_bound(scores, MARGINS["int8"])
 
-    assert (box_bound.atol, box_bound.scale) == (16.0, 320.0)
-    assert (score_bound.atol, score_bound.scale) == (0.025, 0.5)
+    assert (box_bound.atol, box_bound.scale) == (48.0, 320.0)
+    assert (score_bound.atol, score_bound.scale) == (0.075, 0.5)
     assert box_bound.rtol == score_bound.rtol == MARGINS["int8"].rtol
     assert output_bound(np.zeros((2, 3)), MARGINS["fp32"]).atol == 1e-6  # still positive
 
@@ -144,8 +144,8 @@ def test_a_second_kernel_path_outside_the_margin_becomes_an_alternate_reference(
     close = output_bound(reference, MARGINS["int8"], reference + 0.01)
     broken = output_bound(reference, MARGINS["int8"], np.full_like(reference, np.nan))
 
-    assert (moved.kernel_spread, moved.alternate, moved.atol) == (8.0, True, 0.5)
-    assert (close.kernel_spread, close.alternate, close.atol) == (0.01, False, 0.5)
+    assert (moved.kernel_spread, moved.alternate, moved.atol) == (8.0, True, 1.5)
+    assert (close.kernel_spread, close.alternate, close.atol) == (0.01, False, 1.5)
     assert (broken.kernel_spread, broken.alternate) == (0.0, False)
 
 
@@ -277,7 +277,7 @@ def test_the_bundle_holds_the_chosen_models_own_outputs_and_a_bound_per_output(
     assert spec.reference == "model" and set(spec.outputs) == {"logits"}
     assert spec.count == 8 == len(references["logits"])
     bound = spec.outputs["logits"]
-    assert bound.atol == pytest.approx(0.05 * bound.scale, rel=0.1)  # the int8 margin
+    assert bound.atol == pytest.approx(0.15 * bound.scale, rel=0.1)  # the int8 margin
     # Exact sums land outside it on an AVX2 host (saturating u8s8 kernels): kept beside.
     with np.load(io.BytesIO(cnn_members[VECTORS])) as stored:
         assert ("alternate.logits" in stored.files) == bound.alternate

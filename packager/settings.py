@@ -93,7 +93,13 @@ class BuildConfig(BaseModel):
         description="Measure latency and memory on this host (--no-measure: reproducible bytes).",
     )
     task: Literal[
-        "auto", "classification", "embedding", "detection", "dense", "sequence", "regression",
+        "auto",
+        "classification",
+        "embedding",
+        "detection",
+        "dense",
+        "sequence",
+        "regression",
         "generic",
     ] = Field(
         "auto",
@@ -138,4 +144,3 @@ class BuildConfig(BaseModel):
     @classmethod
     def _key_values(cls, value: Any, info) -> Any:
         return key_values(value, "--" + info.field_name.replace("_", "-"))
-

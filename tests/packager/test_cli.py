@@ -217,6 +217,14 @@ FLAG_VALUES = {
     "recipe": (["--recipe", "fp16"], "fp16"),
     "measure": (["--no-measure"], False),
     "task": (["--task", "embedding"], "embedding"),
+    "metric": (
+        ["--metric", "boxes=detection", "--metric", "prob=relative-error"],
+        {"boxes": "detection", "prob": "relative-error"},
+    ),
+    "metric_plugin": (["--metric-plugin", "mine:score"], "mine:score"),
+    "batch_axis": (["--batch-axis", "state=1"], {"state": 1}),
+    "constant": (["--constant", "sr=16000"], {"sr": "16000"}),
+    "selftest_vectors": (["--selftest-vectors", "3"], 3),
     "name": (["--name", "tiny"], "tiny"),
     "version": (["--version", "3.1.4"], "3.1.4"),
     "workdir": (["--workdir", "scratch"], Path("scratch")),
@@ -278,7 +286,25 @@ def test_build_flags_not_given_keep_the_config_defaults(built_config):
 
     for name, field in BuildConfig.model_fields.items():
         if name not in ("model", "profile", "key", "output"):
-            assert getattr(config, name) == field.default, name
+            assert getattr(config, name) == field.get_default(call_default_factory=True), name
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metric", "boxes"], "--metric takes NAME=VALUE, got 'boxes'"),
+        (["--constant", "=3"], "--constant takes NAME=VALUE, got '=3'"),
+        (["--batch-axis", "a=1", "--batch-axis", "a=2"], "--batch-axis names 'a' twice"),
+        (["--batch-axis", "state=first"], "--batch-axis"),
+        (["--selftest-vectors", "0"], "x >= 1"),
+    ],
+)
+def test_a_bad_repeatable_build_option_is_one_line_and_exit_2(args, message):
+    result = CliRunner().invoke(cli, [*BASE, *args])
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
 
 
 def test_every_numeric_build_option_has_an_out_of_range_case():

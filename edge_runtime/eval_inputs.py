@@ -6,6 +6,11 @@ both: arrays that are not model inputs are set aside (and named, so a caller can
 and a batch-1 model is fed sample by sample, its outputs joined into one array per output.
 Anything else that does not fit (a missing input, a wrong dtype, a wrong size on an axis
 other than the batch case) is still refused by ``Runtime.run`` with its usual message.
+
+A bundle whose build recorded how its model is fed (constant inputs, batch axes other
+than 0, a state carried across steps: the manifest's ``feeding``) is always fed sample by
+sample through ``Runtime.feeder``, as the build's gate fed it: a constant input need not
+be in the file, and a stateful model's samples are sequences.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import InputSignatureError
+from .feeding import Feeder
 from .manifest import TensorSpec
 
 if TYPE_CHECKING:
@@ -40,16 +47,18 @@ class SampleRun:
 
 
 def split_inputs(
-    specs: list[TensorSpec], arrays: Mapping[str, np.ndarray]
+    specs: list[TensorSpec], arrays: Mapping[str, np.ndarray], required: list[str] | None = None
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """The arrays to feed and the names set aside as not model inputs.
 
-    Extra arrays are set aside only when every model input is present: when one is
-    missing, everything is kept, so the input check names both the missing and the
-    unknown arrays (a misspelt input name is then reported, not silently dropped).
+    Extra arrays are set aside only when every ``required`` input (default: every model
+    input) is present: when one is missing, everything is kept, so the input check names
+    both the missing and the unknown arrays (a misspelt input name is then reported, not
+    silently dropped).
     """
     names = {spec.name for spec in specs}
-    if not names <= set(arrays):
+    needed = names if required is None else set(required)
+    if not needed <= set(arrays):
         return dict(arrays), []
     ignored = sorted(set(arrays) - names)
     return {name: arrays[name] for name in arrays if name in names}, ignored
@@ -92,6 +101,9 @@ def run_samples(runtime: Runtime, arrays: Mapping[str, np.ndarray]) -> SampleRun
         BackendError: the bundle holds a language model.
     """
     specs = runtime.manifest.inputs
+    feeder = getattr(runtime, "feeder", None)
+    if feeder is not None and not feeder.plain:
+        return _run_fed(runtime, feeder, arrays)
     inputs, ignored = split_inputs(specs, arrays)
     count = feeds_one_by_one(specs, inputs)
     if count is None:
@@ -106,6 +118,27 @@ def run_samples(runtime: Runtime, arrays: Mapping[str, np.ndarray]) -> SampleRun
             rows.setdefault(name, []).append(value)
     outputs = {name: _join(values) for name, values in rows.items()}
     return SampleRun(outputs, ignored, True, count)
+
+
+def _run_fed(runtime: Runtime, feeder: Feeder, arrays: Mapping[str, np.ndarray]) -> SampleRun:
+    """Every sample through the bundle's feeder: batch axes, constants, carried state."""
+    specs = runtime.manifest.inputs
+    inputs, ignored = split_inputs(specs, arrays, feeder.data_inputs)
+    missing = sorted(set(feeder.data_inputs) - set(inputs))
+    if missing:
+        raise InputSignatureError(
+            f"the file lacks inputs {missing}; it needs one array per input "
+            f"{feeder.data_inputs}, samples first"
+            + (", each sample a sequence of steps" if feeder.sequential else "")
+        )
+    try:
+        outputs = feeder.collect(runtime.run, inputs)
+    except (IndexError, KeyError) as exc:
+        raise InputSignatureError(
+            f"the file's arrays do not fit the model: {exc}; it needs one array per input "
+            f"{feeder.data_inputs}, samples first"
+        ) from None
+    return SampleRun(outputs, ignored, True, feeder.samples(inputs))
 
 
 def _join(values: list[np.ndarray]) -> np.ndarray:

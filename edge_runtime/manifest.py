@@ -52,6 +52,33 @@ class TensorSpec(StrictModel):
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
+class FeedingSpec(StrictModel):
+    """How the model is fed beyond its plain signature (``edge_runtime.feeding``).
+
+    Real models take more than a batch on axis 0: a recurrent state may hold its batch on
+    another axis, an input may be a fixed value (a sample rate), and a stateful model
+    takes each step's state from the previous step's output. The build records what it
+    was told, so the device feeds the model as the gate did.
+    """
+
+    constants: dict[str, Any] = Field(
+        default_factory=dict,
+        description="input name -> its fixed value (a number, or nested lists in the "
+        "input's shape), already cast to the input's dtype; filled in when a caller omits it",
+    )
+    batch_axes: dict[str, int] = Field(
+        default_factory=dict, description="input name -> its batch axis, where it is not 0"
+    )
+    output_batch_axes: dict[str, int] = Field(
+        default_factory=dict, description="output name -> its batch axis, where it is not 0"
+    )
+    state: dict[str, str] = Field(
+        default_factory=dict,
+        description="input name -> the output that feeds it at the next step (a sample "
+        "is a sequence of steps; the state starts at zeros or at the sample's own value)",
+    )
+
+
 class Target(StrictModel):
     profile: str
     arch: str
@@ -288,6 +315,9 @@ class Manifest(StrictModel):
     steps: list[StepRecord] = Field(
         default_factory=list, description="the packager passes behind the model (v2)"
     )
+    feeding: FeedingSpec | None = Field(
+        None, description="constant inputs, batch axes and carried state (tensor models)"
+    )
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> Manifest:
@@ -305,6 +335,22 @@ class Manifest(StrictModel):
         for role, path in paths:
             if path not in listed:
                 raise ValueError(f"{role} path {path!r} is not among the manifest's files")
+        return self
+
+    @model_validator(mode="after")
+    def _feeding_names_exist(self) -> Manifest:
+        feeding = self.feeding
+        if feeding is None:
+            return self
+        inputs = {spec.name for spec in self.inputs}
+        outputs = {spec.name for spec in self.outputs}
+        named = [*feeding.constants, *feeding.batch_axes, *feeding.state]
+        for name in named:
+            if name not in inputs:
+                raise ValueError(f"feeding names input {name!r}, which the model does not have")
+        for name in [*feeding.output_batch_axes, *feeding.state.values()]:
+            if name not in outputs:
+                raise ValueError(f"feeding names output {name!r}, which the model does not have")
         return self
 
     def file(self, path: str) -> FileEntry:

@@ -23,6 +23,7 @@ from .backends import (
 )
 from .bundle import VerifiedBundle, extract_bundle, verify_bundle
 from .errors import BackendError, InputSignatureError
+from .feeding import Feeder
 from .manifest import Manifest, TensorSpec
 from .selftest import SelfTestReport, run_selftest
 
@@ -61,6 +62,9 @@ class Runtime:
             model's ``general.*`` and ``tokenizer.*`` strings and numbers. Empty when the
             model has none. Models keep things there such as an OCR character dictionary.
         model_dir: the folder the bundle was extracted into.
+        feeder: how the model is fed (``edge_runtime.feeding.Feeder``): its constant
+            inputs, the inputs whose batch axis is not 0, and the state a stateful model
+            carries from step to step, as the build recorded them.
     """
 
     def __init__(
@@ -85,6 +89,9 @@ class Runtime:
         self._tensors = backend if interface is TensorBackend else None
         self._text = backend if interface is GenerativeBackend else None
         self._check_inputs = InputChecker(verified.manifest.inputs)
+        manifest = verified.manifest
+        self.feeder = Feeder(manifest.inputs, manifest.outputs, manifest.feeding)
+        self._constants = self.feeder.constants
         self._metadata: Mapping[str, Any] | None = None
         self._telemetry: TelemetryHook | None = None
         self.telemetry = telemetry
@@ -190,6 +197,8 @@ class Runtime:
         Args:
             inputs: one numpy array per model input, by name, matching the manifest's
                 dtypes and shapes (named dimensions may take any size, consistently).
+                A constant input the build recorded (``--constant``) may be left out:
+                its recorded value is filled in.
 
         Returns:
             Output arrays by name.
@@ -202,6 +211,8 @@ class Runtime:
         backend = self._tensors
         if backend is None:
             raise BackendError(RUN_ON_LANGUAGE_MODEL)
+        if self._constants:
+            inputs = self._with_constants(inputs)
         telemetry = self._telemetry
         if telemetry is None:
             self._check_inputs(inputs)
@@ -216,6 +227,15 @@ class Runtime:
             raise
         telemetry.record(_clock() - started)
         return outputs
+
+    def _with_constants(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """``inputs`` plus the recorded value of each constant input the caller left out."""
+        if not isinstance(inputs, Mapping):
+            return inputs  # the input check says what is wrong
+        missing = [name for name in self._constants if name not in inputs]
+        if not missing:
+            return inputs
+        return {**inputs, **{name: self._constants[name] for name in missing}}
 
     def generate(
         self,

@@ -58,10 +58,13 @@ def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport
     inputs, references = load_vectors(model_dir / spec.path)
     failures: list[str] = []
     worst_abs, worst_cos = 0.0, 1.0
+    # Vectors are stored samples first; the feeder puts each input's batch axis where the
+    # model has it (and takes it back out of the outputs). Constant inputs are not stored.
+    feeder = runtime.feeder
     for index in range(spec.count):
-        outputs = runtime.run({name: value[index : index + 1] for name, value in inputs.items()})
+        outputs = runtime.run(feeder.row_feed(inputs, index))
         for name, reference in references.items():
-            actual = outputs[name].astype(np.float64)
+            actual = feeder.output_row(name, outputs[name]).astype(np.float64)
             expected = reference[index : index + 1].astype(np.float64)
             abs_error = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
             cosine = float(cosine_rows(actual, expected).min())

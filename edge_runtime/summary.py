@@ -35,6 +35,7 @@ def summary_rows(manifest: Manifest, signed_by: str | None = None) -> list[tuple
         ("model", _model_text(m)),
         *_signature_rows(m),
         ("gate", _gate_text(m)),
+        *_output_score_rows(m),
         (
             "memory",
             f"{m.memory.required_mb} MB ({m.memory.basis}) of {m.memory.budget_mb:.0f} MB",
@@ -134,6 +135,27 @@ def _gate_text(m: Manifest) -> str:
     q = m.quantization
     attempts = ", ".join(f"{attempt.recipe} {attempt.status}" for attempt in q.attempts)
     return f"{q.gate_metric} <= {q.max_degradation} on {q.eval_samples} samples; {attempts}"
+
+
+def _output_score_rows(m: Manifest) -> list[tuple[str, str]]:
+    """One row per output score of the chosen attempt: metric, degradation, threshold."""
+    q = m.quantization
+    chosen = next((a for a in q.attempts if a.recipe == q.chosen and a.outputs), None)
+    if chosen is None:
+        return []
+    rows = []
+    for score in chosen.outputs:
+        output = "whole model" if score.output == "*" else score.output
+        where = f" on {score.eval_file}" if score.eval_file else ""
+        verdict = "passed" if score.passed else "failed"
+        rows.append(
+            (
+                "output",
+                f"{output}: {score.metric}, degradation {score.degradation:.4g}, limit "
+                f"{score.threshold:g}{where}, {verdict}",
+            )
+        )
+    return rows
 
 
 def _measured_text(m: Manifest) -> str:

@@ -145,20 +145,24 @@ LLM_COLUMNS = {
 
 
 def attempts_table(attempts, chosen: str | None):
+    """One row per recipe tried; the gate judges each output on its own, and the row
+    shows the output that decided (the worst one) beside whole-model figures."""
     from rich.table import Table
 
     if any("perplexity" in attempt.metrics for attempt in attempts):
         return llm_attempts_table(attempts, chosen)
     table = Table(title="quantization attempts")
+    table.add_column("recipe", no_wrap=True)
     for column in (
-        "recipe",
         "status",
         "size MB",
+        "worst output",
+        "metric",
+        "degradation",
+        "limit",
         "cosine mean",
-        "cosine min",
         "max abs err",
         "top-1 agree",
-        "acc drop",
         "chosen",
     ):
         table.add_column(column)
@@ -168,18 +172,33 @@ def attempts_table(attempts, chosen: str | None):
         def fmt(key: str, spec: str = ".4f", metrics=metrics) -> str:
             return format(metrics[key], spec) if key in metrics else "-"
 
+        worst = worst_output(attempt.outputs)
+        # With per-output scores the worst output's columns say why; else the reason does.
+        status = attempt.status
+        if attempt.reason and not worst:
+            status = f"{attempt.status}: {attempt.reason}"[:60]
         table.add_row(
             attempt.recipe,
-            attempt.status if not attempt.reason else f"{attempt.status}: {attempt.reason}"[:60],
+            status,
             f"{attempt.size_bytes / 2**20:.1f}" if attempt.size_bytes else "-",
+            worst.output if worst else "-",
+            worst.metric if worst else "-",
+            f"{worst.degradation:.4g}" if worst else fmt("degradation", ".4g"),
+            f"{worst.threshold:.4g}" if worst else "-",
             fmt("cosine_mean", ".5f"),
-            fmt("cosine_min", ".5f"),
             fmt("max_abs_error", ".3g"),
             fmt("top1_agreement", ".2%"),
-            fmt("accuracy_drop", ".2%"),
             "yes" if attempt.recipe == chosen else "",
         )
     return table
+
+
+def worst_output(scores):
+    """The output score that decided an attempt: the failing one furthest over its
+    threshold, else the highest degradation; None without per-output scores."""
+    if not scores:
+        return None
+    return max(scores, key=lambda s: (not s.passed, s.degradation - s.threshold))
 
 
 def llm_attempts_table(attempts, chosen: str | None):

@@ -1,14 +1,27 @@
-"""Calibration and evaluation data: .npz files keyed by model input name."""
+"""Calibration and evaluation data: .npz files keyed by model input name.
+
+A file holds its samples first, one array per model input. How each sample becomes the
+model's feed (its batch axis, the constant inputs, the state a stateful model carries
+across the steps of a sample) is the model's ``edge_runtime.feeding.Feeder``; a
+``DataSet`` is one checked file with its feeder, which the passes run, calibrate and
+gate on. A build may take several files (one per resolution of a dynamic-shape model).
+"""
 
 from __future__ import annotations
 
 import io
+import math
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.errors import InputSignatureError
+from edge_runtime.feeding import Feeder, Run
+from edge_runtime.manifest import TensorSpec
 from edge_runtime.runtime import check_inputs
 
 from .errors import DataError
@@ -16,6 +29,30 @@ from .errors import DataError
 LABELS_KEY = "labels"
 # A fixed timestamp keeps the zip headers free of wall-clock time (reproducible bundles).
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of ``path``, refusing pickled (object) arrays.
+
+    Raises:
+        DataError: a missing or unreadable file, or an object array: ragged samples
+            (arrays must be rectangular; one file per resolution) or pickled content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except ValueError:
+        raise DataError(
+            f"{what} file {path} holds an object array: samples of different shapes, or "
+            "other Python objects. Each array must be rectangular (every sample the same "
+            "shape), saved with np.savez; put each resolution in a file of its own and "
+            f"give --{what} once per file"
+        ) from None
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{what} file {path} is not a readable .npz: {exc}") from None
 
 
 def load_npz(
@@ -29,19 +66,7 @@ def load_npz(
         DataError: missing file, pickled content, a missing or unknown key, or sample
             counts that differ between arrays.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except ValueError as exc:
-        raise DataError(
-            f"{what} file {path} holds object arrays, which need pickle; edgepack refuses "
-            f"pickled data. Save plain numeric arrays with np.savez. ({exc})"
-        ) from None
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{what} file {path} is not a readable .npz: {exc}") from None
+    arrays = read_npz(path, what)
     labels = arrays.pop(LABELS_KEY, None)
     missing = sorted(set(input_names) - set(arrays))
     unknown = sorted(set(arrays) - set(input_names))
@@ -50,14 +75,166 @@ def load_npz(
             f"{what} file {path} must hold one array per model input {input_names} "
             f"(plus optional '{LABELS_KEY}'); missing {missing}, unknown {unknown}"
         )
-    counts = {key: len(value) for key, value in arrays.items()}
+    _same_counts(arrays, labels, path, what)
+    return arrays, labels
+
+
+def _same_counts(arrays: dict[str, np.ndarray], labels, path: Path, what: str) -> None:
+    counts = {key: len(value) if value.ndim else 0 for key, value in arrays.items()}
     if labels is not None:
-        counts[LABELS_KEY] = len(labels)
+        counts[LABELS_KEY] = len(labels) if labels.ndim else 0
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise DataError(
             f"{what} file {path}: arrays need the same, non-zero sample count; got {counts}"
         )
-    return arrays, labels
+
+
+@dataclass
+class DataSet:
+    """One checked calibration or eval file and how its samples feed the model.
+
+    Attributes:
+        path: the file.
+        arrays: its arrays by input name, samples first, as in the file (no labels).
+        labels: its ``labels`` array, or None.
+        feeder: how a sample becomes the model's feed (batch axes, constants, state).
+        reference: the source model's outputs on it, once computed (the gate's cache).
+    """
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    feeder: Feeder
+    reference: dict[str, np.ndarray] | None = None
+
+    @property
+    def samples(self) -> int:
+        return self.feeder.samples(self.arrays)
+
+    @property
+    def steps(self) -> int:
+        """Steps per sample (1 unless the model carries a state across steps)."""
+        return self.feeder.steps(self.arrays)
+
+    def feeds(self, run: Run | None = None, samples: int | None = None) -> Iterator[dict]:
+        """Batch-of-one feeds with batch axes, constants and state applied, sample by
+        sample (and step by step); a stateful model's need ``run`` to carry the state."""
+        return self.feeder.feeds(self.arrays, run, samples)
+
+    def first_feed(self) -> dict[str, np.ndarray]:
+        """The first sample's (first step's) feed, e.g. for timing the model."""
+        step = 0 if self.feeder.sequential else None
+        return self.feeder.feed(self.arrays, 0, step)
+
+    def run(self, run: Run) -> dict[str, np.ndarray]:
+        """``run`` on every sample: outputs by name, one row per sample (a stateful
+        model's with its steps on axis 1)."""
+        return self.feeder.collect(run, self.arrays)
+
+
+def plain_dataset(arrays: dict[str, np.ndarray], labels=None, path: Path | None = None) -> DataSet:
+    """Arrays fed as they are, sample by sample on axis 0 (no axes, constants or state)."""
+    specs = [
+        TensorSpec(name=name, dtype=str(value.dtype), shape=[]) for name, value in arrays.items()
+    ]
+    return DataSet(Path(path or "<arrays>"), arrays, labels, Feeder(specs))
+
+
+def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
+    """Read ``path`` and check it against the model and how it is fed.
+
+    Raises:
+        DataError: what ``read_npz`` refuses; an array for a --constant input; a missing
+            or unknown array; differing sample (or step) counts; a sample whose feed does
+            not fit the model's inputs (dtype, rank, fixed sizes).
+    """
+    path = Path(path)
+    arrays = read_npz(path, what)
+    labels = arrays.pop(LABELS_KEY, None)
+    given_constants = sorted(set(arrays) & set(feeder.constants))
+    if given_constants:
+        raise DataError(
+            f"{what} file {path} holds arrays {given_constants} for inputs that --constant "
+            "sets; remove them from the file or drop the --constant"
+        )
+    required, optional = feeder.data_inputs, feeder.optional_inputs
+    missing = sorted(set(required) - set(arrays))
+    unknown = sorted(set(arrays) - set(required) - set(optional))
+    if missing or unknown:
+        extra = f", optional starting states {optional}" if optional else ""
+        raise DataError(
+            f"{what} file {path} must hold one array per model input {required} (plus "
+            f"optional '{LABELS_KEY}'{extra}); missing {missing}, unknown {unknown}"
+        )
+    _same_counts(arrays, labels, path, what)
+    if feeder.sequential:
+        _check_steps(arrays, feeder, path, what)
+    dataset = DataSet(path, arrays, labels, feeder)
+    try:
+        check_inputs(feeder.inputs, dataset.first_feed())
+    except InputSignatureError as exc:
+        where = "each step of a sample" if feeder.sequential else "each sample"
+        raise DataError(
+            f"{path}: {exc} ({where} is fed as a batch of one on its input's batch axis: "
+            "axis 0, or the one --batch-axis names)"
+        ) from None
+    return dataset
+
+
+def _check_steps(arrays: dict[str, np.ndarray], feeder: Feeder, path: Path, what: str) -> None:
+    """A stateful model's samples are sequences: [samples, steps, ...] for every data input
+    (the input's own axes after the step axis, its batch axis left out)."""
+    ranks = {spec.name: len(spec.shape) for spec in feeder.inputs}
+    steps = {}
+    for name in feeder.data_inputs:
+        shape = list(arrays[name].shape)
+        if len(shape) != ranks[name] + 1:
+            raise DataError(
+                f"{what} file {path}: with --state each sample is a sequence, so array "
+                f"{name!r} needs [samples, steps, ...] ({ranks[name] + 1} axes: the input's "
+                f"own, its batch axis replaced by samples, then steps); it has shape {shape}"
+            )
+        steps[name] = shape[1]
+    if len(set(steps.values())) > 1 or 0 in steps.values():
+        raise DataError(
+            f"{what} file {path}: with --state the arrays need the same, non-zero step count "
+            f"(axis 1); got {steps}"
+        )
+
+
+def calibration_feeds(
+    datasets: list[DataSet], limit: int | None = None, run: Run | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Feeds for calibrating from every file, at most ``limit`` samples in all, shared
+    between the files (a stateful model's samples give every step, the state carried by
+    ``run``, e.g. the float model's)."""
+    if not datasets:
+        return []
+    share = None if limit is None else max(1, math.ceil(limit / len(datasets)))
+    if limit is not None and share * len(datasets) > limit:
+        share = max(1, limit // len(datasets))
+    return [feed for dataset in datasets for feed in dataset.feeds(run, share)]
+
+
+def step_rows(
+    dataset: DataSet, run: Run, count: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The first ``count`` feeds of ``dataset`` (a stateful model's first steps, their
+    state included) and ``run``'s outputs on them, each stored samples first, one row
+    per feed; constant inputs are left out (the runtime fills them in)."""
+    feeder = dataset.feeder
+    inputs: dict[str, list[np.ndarray]] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
+    for _, feed, result in islice(feeder.run(run, dataset.arrays), count):
+        for name, value in feed.items():
+            if name not in feeder.constants:
+                inputs.setdefault(name, []).append(feeder.input_row(name, value))
+        for name, value in result.items():
+            outputs.setdefault(name, []).append(feeder.output_row(name, value))
+    return (
+        {name: np.concatenate(rows) for name, rows in inputs.items()},
+        {name: np.concatenate(rows) for name, rows in outputs.items()},
+    )
 
 
 def sample(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:

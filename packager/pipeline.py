@@ -217,19 +217,22 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
             continue
         metrics = dict(evaluated.metrics)
         passed = bool(metrics.pop("passed"))
+        # The gate's words may name the worst output, so they see the per-output scores.
+        reason = None if passed else gate.reason(metrics, limit)
+        verdict = gate.verdict(recipe.name, metrics, passed)
         outputs = metrics.pop("outputs", [])  # per-output scores (OutputScore fields)
         attempts.append(
             Attempt(
                 recipe=recipe.name,
                 status="passed" if passed else "failed",
-                reason=None if passed else gate.reason(metrics, limit),
+                reason=reason,
                 metrics=metrics,
                 size_bytes=candidate.path.stat().st_size,
                 outputs=outputs,
                 excluded_nodes=excluded,
             )
         )
-        progress(gate.verdict(recipe.name, metrics, passed))
+        progress(verdict)
         if passed:
             chosen = Chosen(candidate.path, recipe.name, candidate.precision, metrics)
             return attempts, chosen, records

@@ -45,20 +45,24 @@ class BuildConfig(BaseModel):
         description="Ed25519 private key (PEM) that signs the bundle (`edgepack keygen`)."
     )
     output: Path = Field(description="The .edgepkg file to write.")
-    calibration: Path | None = Field(
-        None, description=".npz keyed by input name, first axis = samples (for static int8)."
+    calibration: list[Path] = Field(
+        default_factory=list,
+        description=".npz keyed by input name, first axis = samples (for static int8); "
+        "repeatable: one file per resolution of a dynamic-shape model.",
     )
-    eval: Path | None = Field(
-        None,
+    eval: list[Path] = Field(
+        default_factory=list,
         description="ONNX and TFLite (required): held-out .npz in the same layout; an "
-        "optional 'labels' array adds accuracy. GGUF: a UTF-8 .txt for perplexity (default: "
-        "a text shipped with edgepack).",
+        "optional 'labels' array adds accuracy; repeatable: one file per resolution, the "
+        "gate takes the worst. GGUF: one UTF-8 .txt for perplexity (default: a text "
+        "shipped with edgepack).",
     )
     max_degradation: float = Field(
         0.01,
         ge=0,
         le=1,
-        description="Gate: largest allowed 1 - mean cosine (or 1 - top-1 agreement).",
+        description="Gate: largest allowed degradation of each output (a metric's own "
+        "default yields to it when given; docs/quantization.md).",
     )
     quant: str | None = Field(
         None, description="GGUF: one llama.cpp type (e.g. Q4_K_M) instead of the chain."
@@ -126,6 +130,12 @@ class BuildConfig(BaseModel):
         description="NAME=VALUE: feed input NAME this fixed value (a number or a JSON list) "
         "instead of taking it from the data files (repeatable), e.g. sr=16000.",
     )
+    state: dict[str, str] = Field(
+        default_factory=dict,
+        description="INPUT=OUTPUT: input INPUT takes OUTPUT of the previous step (repeatable); "
+        "each sample of the data files is then a sequence (a step axis after the sample "
+        "axis), and the state starts at zeros or at the file's own INPUT array.",
+    )
     selftest_vectors: int | None = Field(
         None,
         ge=1,
@@ -140,7 +150,17 @@ class BuildConfig(BaseModel):
         "temporary folder, removed).",
     )
 
-    @field_validator("metric", "batch_axis", "constant", mode="before")
+    @field_validator("metric", "batch_axis", "constant", "state", mode="before")
     @classmethod
     def _key_values(cls, value: Any, info) -> Any:
         return key_values(value, "--" + info.field_name.replace("_", "-"))
+
+    @field_validator("calibration", "eval", mode="before")
+    @classmethod
+    def _path_list(cls, value: Any) -> Any:
+        """One path (the library's older spelling) or None is a list of one or none."""
+        if value is None:
+            return []
+        if isinstance(value, str | Path):
+            return [value]
+        return value

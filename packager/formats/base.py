@@ -191,6 +191,9 @@ class FormatPipeline:
     tool_distributions: tuple[str, ...]
     # Opens the model on this host for the evaluate pass: path -> object with ``run``.
     host_session: Callable[[Path], Any] | None = None
+    # The model's inputs and outputs (TensorSpecs), read cheaply before any work, so the
+    # build's per-input flags (--batch-axis, --constant, --state) are checked up front.
+    signature: Callable[[Path], tuple[list[Any], list[Any]]] | None = None
     # Counts a model file's weight tensors by type: a quantizing recipe must have raised
     # the count of its precision, and the manifest's precision is read from the file.
     weights: Callable[[Path], WeightCensus] | None = None

@@ -25,7 +25,7 @@ from edge_runtime.manifest import (
     TokenSelfTestSpec,
 )
 
-from ..errors import FitError, ModelValidationError
+from ..errors import DataError, FitError, ModelValidationError
 from ..llm_eval import check_eval_text, read_eval_text, tokenize_text, windows
 from .base import (
     Chosen,
@@ -108,12 +108,22 @@ class GgufTargetConfig(ProfileSection):
     context_length: int = Field(2048, gt=0, description="context length the device will use")
 
 
+def _eval_text(settings) -> Path | None:
+    """The one --eval .txt (None: the shipped text); GGUF takes no second file."""
+    if len(settings.eval) > 1:
+        raise DataError(
+            f"a GGUF build takes one --eval .txt, got {len(settings.eval)} files; join the "
+            "texts into one file"
+        )
+    return settings.eval[0] if settings.eval else None
+
+
 def _check_text(pipeline: FormatPipeline, settings) -> None:
-    check_eval_text(settings.eval)
+    check_eval_text(_eval_text(settings))
 
 
 def _load_text(settings, facts: dict[str, Any], ctx) -> None:
-    tokens = tokenize_text(settings.model, read_eval_text(settings.eval))
+    tokens = tokenize_text(settings.model, read_eval_text(_eval_text(settings)))
     ctx.eval_windows = windows(tokens, settings.llm_window)
 
 

@@ -82,6 +82,14 @@ def host_session(path: Path) -> OnnxSession:
     return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
 
 
+def signature(path: Path) -> tuple[list, list]:
+    """Inputs and outputs, as OnnxValidate reads them (weights not loaded)."""
+    from ..onnx_model import model_signature
+
+    inputs, outputs, _ = model_signature(path)
+    return inputs, outputs
+
+
 def weight_counts(path: Path) -> dict[str, int]:
     """Initializers (and Constant tensors) of rank 2 or more, the weight matrices and
     kernels, by element type; biases, scales and zero points are left out. Int8 weights
@@ -142,6 +150,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
     host_session=host_session,
+    signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.onnx:measure_loader",
 )

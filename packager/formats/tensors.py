@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_runtime.manifest import Measurements, MemoryFit
 
-from ..errors import FitError, PackagerError
+from ..errors import DataError, FitError, PackagerError
 from .base import Chosen, DataNeeds, FormatPipeline, Gate, Measure, Step, WeightCensus
 
 # Without a measurement the fit check uses this estimate: the engine holds the weights
@@ -26,46 +26,145 @@ ESTIMATE_OVERHEAD_MB = 16.0
 
 
 def _check_data(pipeline: FormatPipeline, settings) -> None:
-    if settings.eval is None:
+    if not settings.eval:
         raise PackagerError(
             f"{pipeline.noun} build needs --eval FILE.npz (held-out inputs, one array per "
             "model input)"
         )
+    from ..metrics import check_settings  # numpy comes with the metrics, not the profiles
+
+    check_settings(settings.metric, settings.metric_plugin)
+    # Every file is there before any work; their content is checked once the model's
+    # inputs are known (_load_data, right after validation).
+    for what in ("eval", "calibration"):
+        for path in getattr(settings, what):
+            if not Path(path).is_file():
+                raise DataError(f"{what} file {path} does not exist")
+            if Path(path).suffix.lower() != ".npz":
+                raise DataError(
+                    f"{what} file {path}: {pipeline.noun} build takes .npz files (np.savez, "
+                    "one array per model input, samples first)"
+                )
+    if (settings.batch_axis or settings.constant or settings.state) and pipeline.signature:
+        from ..feeding import feeding_spec
+
+        try:
+            inputs, outputs = pipeline.signature(settings.model)
+        except (TypeError, AttributeError, ImportError, NameError):
+            raise  # a bug in edgepack, not a model the check could not read
+        except Exception:  # noqa: BLE001 - the validating step says what is wrong with it
+            return
+        feeding_spec(settings, inputs, outputs)
 
 
 def _load_data(settings, facts: dict[str, Any], ctx) -> None:
-    from ..data import check_data, load_npz  # numpy comes with the data, not the profiles
+    # numpy comes with the data, not the profiles
+    from edge_runtime.feeding import Feeder
 
-    inputs = facts["inputs"]
-    names = [spec.name for spec in inputs]
-    ctx.evaluation, ctx.labels = load_npz(settings.eval, names, "eval")
-    check_data(inputs, ctx.evaluation, settings.eval)
-    if settings.calibration is not None:
-        ctx.calibration, _ = load_npz(settings.calibration, names, "calibration")
-        check_data(inputs, ctx.calibration, settings.calibration)
-    if settings.task == "auto":
-        ctx.task = "classification" if ctx.labels is not None else "generic"
-    else:
-        ctx.task = settings.task
+    from ..data import load_dataset
+    from ..feeding import feeding_spec
+
+    inputs, outputs = facts["inputs"], facts.get("outputs", [])
+    spec = feeding_spec(settings, inputs, outputs)
+    facts["feeding"] = spec
+    feeder = Feeder(inputs, outputs, spec)
+    eval_sets = [load_dataset(path, feeder, "eval") for path in settings.eval]
+    calibration_sets = [load_dataset(path, feeder, "calibration") for path in settings.calibration]
+    ctx.use_data(eval_sets, calibration_sets)
+    ctx.task = settings.task
+    _check_metric_names(settings, facts)
+
+
+def _check_metric_names(settings, facts: dict[str, Any]) -> None:
+    """--metric must name outputs (and mask inputs) the prepared model has."""
+    from ..metrics import check_names, parse_overrides
+
+    check_names(
+        parse_overrides(settings.metric),
+        [spec.name for spec in facts["outputs"]],
+        [spec.name for spec in facts["inputs"]],
+    )
 
 
 TENSOR_DATA = DataNeeds(check=_check_data, load=_load_data)
 
 
 def _samples(ctx) -> int:
-    return len(next(iter(ctx.evaluation.values())))
+    return sum(dataset.samples for dataset in ctx.eval_sets)
+
+
+def _gate_options(settings, profile) -> dict[str, Any]:
+    return {
+        "max_degradation": settings.max_degradation,
+        "max_degradation_given": "max_degradation" in settings.model_fields_set,
+        "task": settings.task,
+        "metric": dict(settings.metric),
+        "metric_plugin": settings.metric_plugin,
+    }
+
+
+def _gate_metric(task: str) -> str:
+    """The manifest's gate_metric: per-output metrics, the worst output decides."""
+    if task == "generic":
+        return "1 - cosine_mean"  # every output by cosine, as before per-output metrics
+    chosen = "auto" if task == "auto" else f"task {task}"
+    return f"per-output metrics ({chosen}), worst output"
+
+
+def _worst(metrics) -> dict[str, Any] | None:
+    rows = metrics.get("outputs") or []
+    failing = [row for row in rows if not _field(row, "passed")]
+    pool = failing or rows
+    if not pool:
+        return None
+    return max(pool, key=lambda row: _field(row, "degradation") - _field(row, "threshold"))
+
+
+def _field(row, name: str):
+    return row[name] if isinstance(row, dict) else getattr(row, name)
+
+
+def _where(row) -> str:
+    output = _field(row, "output")
+    eval_file = _field(row, "eval_file")
+    named = "the metric plugin" if output == "*" else f"output {output!r}"
+    return f"{named} ({_field(row, 'metric')}{', ' + eval_file if eval_file else ''})"
+
+
+def _reason(metrics, limit: float) -> str:
+    """Why a candidate failed: the worst output, its metric and its own threshold."""
+    worst = _worst(metrics)
+    if worst is None:
+        return f"degradation {metrics['degradation']:.4g} > {limit:.4g}"
+    return (
+        f"degradation {_field(worst, 'degradation'):.4g} > {_field(worst, 'threshold'):.4g} "
+        f"on {_where(worst)}"
+    )
+
+
+def _verdict(name: str, metrics, passed: bool) -> str:
+    worst = _worst(metrics)
+    if worst is None:
+        return f"{name}: {'passed' if passed else 'failed'} the gate"
+    word = "passed" if passed else "failed"
+    return (
+        f"{name}: {word} the gate (worst: {_where(worst)}, degradation "
+        f"{_field(worst, 'degradation'):.4g}, limit {_field(worst, 'threshold'):.4g})"
+    )
 
 
 TENSOR_GATE = Gate(
-    step=Step("Evaluate", options=lambda s, p: {"max_degradation": s.max_degradation}),
+    step=Step("Evaluate", options=_gate_options),
     threshold=lambda settings: settings.max_degradation,
-    metric=lambda task: "1 - top1_agreement" if task == "classification" else "1 - cosine_mean",
+    metric=_gate_metric,
     evaluating=lambda name, ctx: f"{name}: evaluating on {_samples(ctx)} samples",
-    verdict=lambda name, metrics, passed: f"{name}: {'passed' if passed else 'failed'} the gate",
-    reason=lambda metrics, limit: f"degradation {metrics['degradation']:.4g} > {limit:.4g}",
+    verdict=_verdict,
+    reason=_reason,
     refusal=lambda limit: (
-        f"no recipe met --max-degradation {limit}",
-        "Raise the threshold, add fp32 to the profile's recipes, or check the eval data.",
+        f"no recipe met --max-degradation {limit} (or an output's own limit)",
+        "Raise the threshold (or one output's: --metric OUTPUT=NAME:max=V), pick a metric "
+        "that fits the output (--task, --metric; docs/quantization.md), add fp32 to the "
+        "profile's recipes, or check the eval data.",
     ),
     eval_samples=lambda metrics, ctx: _samples(ctx),
 )
@@ -98,8 +197,10 @@ def check_tensor_fit(
     return fit
 
 
-def _no_extra(chosen: Chosen, facts, settings, profile, progress) -> dict[str, Any]:
-    return {}  # the Package pass writes the self-test vectors from the eval data
+def _feeding(chosen: Chosen, facts, settings, profile, progress) -> dict[str, Any]:
+    # The Package pass writes the self-test vectors from the eval data; the manifest
+    # records how the model is fed, so the device feeds it as the gate did.
+    return {"feeding": facts.get("feeding")}
 
 
 def tensor_bench(run: Callable[[dict], Any], request: dict) -> Callable[[], dict]:
@@ -142,6 +243,6 @@ def tensor_format(
             announce="measure: latency p50/p95, peak memory on this host",
         ),
         fit=check_tensor_fit,
-        extra_manifest=_no_extra,
+        extra_manifest=_feeding,
         **own,
     )

@@ -73,6 +73,12 @@ def host_session(path: Path, threads: int | None = None) -> TfliteSession:
     return TfliteSession(path, threads or os.cpu_count() or 1, True)
 
 
+def signature(path: Path) -> tuple[list, list]:
+    """Inputs and outputs, as TfliteValidate reads them."""
+    session = host_session(path, 1)
+    return session.input_specs(), session.output_specs()
+
+
 def weight_counts(path: Path) -> dict[str, int]:
     """Constant tensors (those with data in a buffer) by type, from the flatbuffer."""
     from edge_runtime.tflite_file import check_tflite
@@ -118,6 +124,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
+    signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
 )

@@ -73,7 +73,59 @@ class PassContext:
     progress: Callable[[str], None] = lambda message: None
     reference_outputs: dict[str, Any] | None = None  # tensor models: the source's outputs
     source_score: Any = None  # GGUF: the source's per-token scores
+    # Every --eval and --calibration file (packager.data.DataSet), in order; the
+    # ``evaluation``/``calibration``/``labels`` fields above are the first file's.
+    datasets: dict[str, list[Any]] = field(default_factory=dict)
     _counter: int = 0
+
+    def use_data(self, eval_sets: list[Any], calibration_sets: list[Any]) -> None:
+        """Keep the build's data files; the first of each kind is also ``evaluation``
+        (with ``labels``) and ``calibration``, for code that reads one file."""
+        self.datasets = {"eval": list(eval_sets), "calibration": list(calibration_sets)}
+        first = eval_sets[0] if eval_sets else None
+        self.evaluation = first.arrays if first else None
+        self.labels = first.labels if first else None
+        self.calibration = calibration_sets[0].arrays if calibration_sets else None
+
+    @property
+    def eval_sets(self) -> list[Any]:
+        """Every eval file as a ``packager.data.DataSet`` (``.path``, ``.arrays``,
+        ``.labels``, ``.feeds()``, ``.run(run)``). A context given only ``evaluation``
+        arrays (older callers, tests) has them as one set fed as they are."""
+        return self._sets("eval", self.evaluation, self.labels)
+
+    @property
+    def calibration_sets(self) -> list[Any]:
+        """Every calibration file as a ``packager.data.DataSet``; see ``eval_sets``."""
+        return self._sets("calibration", self.calibration, None)
+
+    def _sets(self, kind: str, arrays: Any, labels: Any) -> list[Any]:
+        if arrays is None:
+            return []
+        sets = self.datasets.get(kind) or []
+        if sets and sets[0].arrays is arrays:
+            return sets
+        from ..data import plain_dataset
+
+        self.datasets[kind] = [plain_dataset(arrays, labels)]
+        return self.datasets[kind]
+
+    def source_run(self) -> Callable[[dict], Any]:
+        """Run the source model on this host (e.g. to carry a stateful model's state
+        while calibrating)."""
+        from ..formats import detect_format
+
+        return detect_format(self.source).host_session(self.source).run
+
+    def calibration_feeds(self, limit: int | None = None) -> list[dict]:
+        """Batch-of-one feeds for calibrating, from every --calibration file, at most
+        ``limit`` samples in all: batch axes and constants applied, and a stateful model's
+        state carried step by step by the source model."""
+        from ..data import calibration_feeds
+
+        sets = self.calibration_sets
+        sequential = any(dataset.feeder.sequential for dataset in sets)
+        return calibration_feeds(sets, limit, self.source_run() if sequential else None)
 
     def new_step_dir(self, name: str) -> Path:
         self._counter += 1

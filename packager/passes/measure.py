@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..data import sample, save_npz_deterministic
+from ..data import save_npz_deterministic
 from ..formats import formats, get_format
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassFailedError, PassOutput
 
@@ -68,7 +68,8 @@ class Measure(Pass):
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         pipeline = get_format(model.format)
         inputs = out_dir / "inputs.npz"
-        save_npz_deterministic(inputs, sample(ctx.evaluation, 0))
+        # The first eval sample as the model takes it (batch axes, constants, state).
+        save_npz_deterministic(inputs, ctx.eval_sets[0].first_feed())
         spec = pipeline.backend_spec(ctx.profile)  # as the device will run it
         request = {
             "loader": pipeline.measure.worker_loader,

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..errors import ModelValidationError
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
-from .evaluate import reference_outputs, run_samples
+from .evaluate import reference_outputs, run_dataset
 
 
 class OnnxOpsetUpgradeConfig(PassConfig):
@@ -92,7 +92,7 @@ class OnnxOpsetUpgrade(Pass):
             location="model.onnx.data" if external else None,
         )
         drifted = output_drift(
-            run_samples(output, ctx.evaluation), reference_outputs(ctx), self.config.rtol
+            run_dataset(output, ctx.eval_sets[0]), reference_outputs(ctx), self.config.rtol
         )
         if drifted:
             raise ModelValidationError(

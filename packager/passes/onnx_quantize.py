@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..data import sample, sample_count
 from ..errors import DataError
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
 
@@ -103,8 +102,9 @@ class OnnxStaticQuantize(Pass):
 
         if ctx.calibration is None:
             raise DataError("static quantization needs --calibration FILE.npz")
-        data = ctx.calibration
-        count = min(sample_count(data), self.config.max_samples)
+        # Every --calibration file, fed as the model is (batch axes, constants, state).
+        feeds = ctx.calibration_feeds(self.config.max_samples)
+        count = len(feeds)
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
@@ -114,7 +114,7 @@ class OnnxStaticQuantize(Pass):
                 if self.index >= count:
                     return None
                 self.index += 1
-                return sample(data, self.index - 1)
+                return feeds[self.index - 1]
 
         methods = {
             "minmax": CalibrationMethod.MinMax,

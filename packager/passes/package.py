@@ -15,6 +15,7 @@ from edge_runtime.bundle import sha256_file
 from edge_runtime.manifest import (
     SCHEMA_VERSION,
     BackendSpec,
+    FeedingSpec,
     FileEntry,
     FileRole,
     LlmSpec,
@@ -33,7 +34,7 @@ from edge_runtime.manifest import (
 from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
 from ..bundle_writer import write_bundle
-from ..data import save_npz_deterministic
+from ..data import save_npz_deterministic, step_rows
 from ..formats import formats, get_format
 from ..keys import load_private_key
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
@@ -70,6 +71,7 @@ class PackageRequest:
     steps: list[StepRecord] = field(default_factory=list)  # the passes behind the model
     # sha256 of files already hashed for the step records, by path (hashed once only)
     digests: dict[Path, str] = field(default_factory=dict)
+    feeding: FeedingSpec | None = None  # constant inputs, batch axes, carried state
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -115,7 +117,7 @@ class Package(Pass):
         roles = {model_member: FileRole.MODEL}
         selftest = request.selftest
         if selftest is None:
-            sources[SELFTEST_MEMBER] = self._write_vectors(out_dir, ctx)
+            sources[SELFTEST_MEMBER], count = self._write_vectors(out_dir, ctx)
             roles[SELFTEST_MEMBER] = FileRole.SELFTEST
         files = [
             FileEntry(
@@ -130,7 +132,6 @@ class Package(Pass):
         model_digest = next(entry.sha256 for entry in files if entry.path == model_member)
         if selftest is None:
             atol, min_cosine = selftest_tolerance(request.chosen_metrics)
-            count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
             selftest = SelfTestSpec(
                 path=SELFTEST_MEMBER, count=count, atol=atol, min_cosine=min_cosine
             )
@@ -173,6 +174,7 @@ class Package(Pass):
             llm=request.llm,
             wheelhouse=request.wheelhouse,
             steps=request.steps,
+            feeding=request.feeding,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)
@@ -181,12 +183,21 @@ class Package(Pass):
             ModelArtifact(request.output, "edgepkg", model.precision), {"manifest": manifest}
         )
 
-    def _write_vectors(self, out_dir: Path, ctx: PassContext) -> Path:
-        """Self-test vectors: the first eval samples and the fp32 model's outputs on them."""
-        count = min(self.config.selftest_vectors, len(next(iter(ctx.evaluation.values()))))
-        vectors = {f"{INPUT_PREFIX}{k}": v[:count] for k, v in ctx.evaluation.items()}
-        for name, value in reference_outputs(ctx).items():
-            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value[:count])
+    def _write_vectors(self, out_dir: Path, ctx: PassContext) -> tuple[Path, int]:
+        """Self-test vectors: the first eval feeds (a stateful model's first steps, state
+        included; constants left to the runtime), stored samples first, and the fp32
+        model's outputs on them; and how many there are."""
+        dataset = ctx.eval_sets[0]
+        if dataset.feeder.plain:
+            count = min(self.config.selftest_vectors, dataset.samples)
+            inputs = {name: value[:count] for name, value in dataset.arrays.items()}
+            references = {name: value[:count] for name, value in reference_outputs(ctx).items()}
+        else:
+            inputs, references = step_rows(dataset, ctx.source_run(), self.config.selftest_vectors)
+            count = len(next(iter(references.values())))
+        vectors = {f"{INPUT_PREFIX}{k}": v for k, v in inputs.items()}
+        for name, value in references.items():
+            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value)
         vectors_path = out_dir / "vectors.npz"
         save_npz_deterministic(vectors_path, vectors)
-        return vectors_path
+        return vectors_path, count

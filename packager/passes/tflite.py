@@ -19,7 +19,6 @@ from pydantic import Field
 from edge_runtime.errors import BackendError, ModelFileError
 from edge_runtime.tflite_file import check_tflite
 
-from ..data import sample, sample_count
 from ..errors import ModelValidationError
 from ..formats.tflite import host_session
 from .base import (
@@ -146,5 +145,5 @@ class TfliteQuantize(Pass):
         if not signatures:
             raise PassFailedError("int8-static needs a model with a signature (serving_default)")
         # Batch-1 models take one sample per call; ai-edge-quantizer runs them in turn.
-        samples = [sample(ctx.calibration, i) for i in range(sample_count(ctx.calibration))]
-        return {signatures[0]: samples}
+        # Every --calibration file, fed as the model is (batch axes, constants, state).
+        return {signatures[0]: ctx.calibration_feeds()}

@@ -162,7 +162,7 @@ def _npz(path, **arrays):
             {"image": np.zeros((2, 1, 8, 8), np.float32), "labels": np.zeros(3, np.int64)},
             "same, non-zero sample count",
         ),
-        ({"image": np.array([object()], dtype=object)}, "refuses pickled data"),
+        ({"image": np.array([object()], dtype=object)}, "holds an object array"),
     ],
 )
 def test_bad_eval_data_is_refused_with_the_expected_layout(

@@ -59,7 +59,7 @@ def test_build_passes_a_validated_config_to_the_library(monkeypatch, tmp_path, d
     assert config.profile.name == "raspberry-pi-5"
     assert (config.recipe, config.max_degradation, config.measure) == ("fp16", 0.02, False)
     assert config.version == "2.0.0"
-    assert config.calibration is None
+    assert config.calibration == []
 
 
 def test_build_needs_exactly_one_profile_source(digits_example, tmp_path):
@@ -204,8 +204,11 @@ BASE = ["build", "m.onnx", "--profile", "raspberry-pi-5", "--key", "k.key", "-o"
 FLAG_VALUES = {
     "key": (["--key", "other.key"], Path("other.key")),
     "output": (["--output", "b.edgepkg"], Path("b.edgepkg")),
-    "calibration": (["--calibration", "c.npz"], Path("c.npz")),
-    "eval": (["--eval", "e.npz"], Path("e.npz")),
+    "calibration": (
+        ["--calibration", "c.npz", "--calibration", "c2.npz"],
+        [Path("c.npz"), Path("c2.npz")],
+    ),
+    "eval": (["--eval", "e.npz"], [Path("e.npz")]),
     "max_degradation": (["--max-degradation", "0.25"], 0.25),
     "quant": (["--quant", "Q5_K_M"], "Q5_K_M"),
     "allow_requantize": (["--allow-requantize"], True),
@@ -222,12 +225,13 @@ FLAG_VALUES = {
         {"boxes": "detection", "prob": "relative-error"},
     ),
     "metric_plugin": (["--metric-plugin", "mine:score"], "mine:score"),
-    "batch_axis": (["--batch-axis", "state=1"], {"state": 1}),
-    "constant": (["--constant", "sr=16000"], {"sr": "16000"}),
     "selftest_vectors": (["--selftest-vectors", "3"], 3),
     "name": (["--name", "tiny"], "tiny"),
     "version": (["--version", "3.1.4"], "3.1.4"),
     "workdir": (["--workdir", "scratch"], Path("scratch")),
+    "batch_axis": (["--batch-axis", "state=1", "--batch-axis", "h=2"], {"state": 1, "h": 2}),
+    "constant": (["--constant", "sr=16000"], {"sr": "16000"}),
+    "state": (["--state", "state=stateN"], {"state": "stateN"}),
 }
 # each numeric option: a value outside its range, how the error echoes it, the range
 OUT_OF_RANGE = {

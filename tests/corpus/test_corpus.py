@@ -26,6 +26,10 @@ pytestmark = pytest.mark.corpus
 
 PROFILES = ("raspberry-pi-4", "x86-64-avx2")
 FLOAT_RECIPES = {"fp32", "as-is"}
+SPEED_PROFILE = "x86-64-avx2"  # the profile whose instruction-set class this host shares
+# Medians of interleaved runs of two copies of one model differ by up to ~3% on a busy
+# 2-core host (packager.speed.SLOWER_THAN_FLOAT): below this is a real slowdown.
+NOT_SLOWER = 0.95
 MIN_COMPRESSED = 6
 JUDGED: dict[tuple[str, str], Judged] = {}
 
@@ -55,7 +59,9 @@ def test_float_model_does_its_task(name, corpus_data):
 def test_bundle_keeps_the_task(name, profile, corpus_data, keypair, bundles):
     prepared = prepare(name, corpus_data)
 
-    judged = build_and_judge(prepared, profile, keypair[0], keypair[1], bundles)
+    # x86 builds measure: only then does the gate time candidates against fp32 (c)
+    measure = profile == SPEED_PROFILE
+    judged = build_and_judge(prepared, profile, keypair[0], keypair[1], bundles, measure)
     JUDGED[(name, profile)] = judged
 
     attempts = "; ".join(
@@ -68,9 +74,9 @@ def test_bundle_keeps_the_task(name, profile, corpus_data, keypair, bundles):
         f"manifest says {judged.precision_claimed}, the file holds {judged.weight_counts}"
     )
     # (c) a quantized choice is no slower than fp32 where the host is representative
-    if profile == "x86-64-avx2" and judged.chosen not in FLOAT_RECIPES:
+    if profile == SPEED_PROFILE and judged.chosen not in FLOAT_RECIPES:
         assert judged.speed_ratio is not None, f"no speed recorded for {judged.chosen}"
-        assert judged.speed_ratio >= 1.0, (
+        assert judged.speed_ratio >= NOT_SLOWER, (
             f"{judged.chosen} runs at {judged.speed_ratio:.2f}x fp32's speed ({attempts})"
         )
 

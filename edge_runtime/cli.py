@@ -64,7 +64,8 @@ def cli() -> None:
     required=True,
     type=click.Path(path_type=Path),
     help=".npz with one array per model input; other arrays (e.g. labels) are ignored, "
-    "and a batch-1 model is fed the samples one at a time.",
+    "and a batch-1 model is fed the samples one at a time. Inputs the build made constant "
+    "may be left out; a stateful bundle's samples are sequences [samples, steps, ...].",
 )
 @click.option(
     "-o",
@@ -135,7 +136,7 @@ def run(
 def selftest(
     bundle: Path, pubkey: Path | None, as_json: bool, threads: int | None, providers: str | None
 ) -> None:
-    """Run BUNDLE's self-test vectors; exit 0 when they match the fp32 reference."""
+    """Run BUNDLE's self-test vectors; exit 0 when they match the build host's reference."""
     from dataclasses import asdict
 
     with _open(bundle, pubkey, threads, providers) as runtime:

@@ -131,6 +131,7 @@ def _run_fed(runtime: Runtime, feeder: Feeder, arrays: Mapping[str, np.ndarray])
             f"{feeder.data_inputs}, samples first"
             + (", each sample a sequence of steps" if feeder.sequential else "")
         )
+    feeder.check_arrays(inputs)
     try:
         outputs = feeder.collect(runtime.run, inputs)
     except (IndexError, KeyError) as exc:

@@ -64,6 +64,14 @@ class Feeder:
         }
         self.output_batch_axes.update(self.spec.output_batch_axes)
 
+    def without_state(self) -> Feeder:
+        """The same feeding with the state as an ordinary input: for feeds stored one step
+        per row (self-test vectors), each row holding its own state."""
+        spec = self.spec.model_copy(
+            update={"state": {}, "output_batch_axes": dict(self.output_batch_axes)}
+        )
+        return Feeder(self.inputs, self.outputs, spec)
+
     @property
     def plain(self) -> bool:
         """Samples are fed on axis 0 with nothing added: no constant, axis or state."""
@@ -100,6 +108,39 @@ class Feeder:
         if not self.sequential or not self.data_inputs:
             return 1
         return int(arrays[self.data_inputs[0]].shape[1])
+
+    def check_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse data arrays of the wrong rank, or sequences of differing step counts.
+
+        Raises:
+            InputSignatureError: an array without the sample (and, for a stateful model,
+                step) axis, or with a different number of steps than the others.
+        """
+        ranks = {spec.name: len(spec.shape) for spec in self.inputs}
+        steps = {}
+        for name in self.data_inputs:
+            if name not in arrays:
+                continue
+            shape, rank = list(np.shape(arrays[name])), ranks[name]
+            if self.sequential and len(shape) != rank + 1:
+                raise InputSignatureError(
+                    f"each sample is a sequence (the model carries a state across steps), so "
+                    f"array {name!r} needs [samples, steps, ...]: {rank + 1} axes, the "
+                    f"input's own with its batch axis replaced by samples, then steps; it has "
+                    f"shape {shape}"
+                )
+            if not self.sequential and len(shape) != rank:
+                raise InputSignatureError(
+                    f"array {name!r} needs [samples, ...]: {rank} axes, the input's own with "
+                    f"its batch axis replaced by samples; it has shape {shape}"
+                )
+            if self.sequential:
+                steps[name] = shape[1]
+        if len(set(steps.values())) > 1 or 0 in steps.values():
+            raise InputSignatureError(
+                f"each sample is a sequence: the arrays need the same, non-zero step count "
+                f"(axis 1); got {steps}"
+            )
 
     def feed(
         self,

@@ -229,14 +229,44 @@ class MemoryFit(StrictModel):
     parts: dict[str, float] = Field(default_factory=dict, description="the estimate's terms, MB")
 
 
+class SelfTestBound(StrictModel):
+    """One output's bound: every element within ``atol + rtol * |reference|`` of the
+    stored reference, and each vector's cosine to it at least ``min_cosine``."""
+
+    atol: float = Field(gt=0, description="abs difference allowed everywhere")
+    rtol: float = Field(0.0, ge=0, description="further difference, per unit of |reference|")
+    min_cosine: float = Field(description="min cosine similarity per vector")
+    scale: float = Field(0.0, ge=0, description="max |reference| over the vectors (atol's unit)")
+    kernel_spread: float = Field(
+        0.0, ge=0, description="max |difference| between two kernel paths on the build host"
+    )
+
+
 class SelfTestSpec(StrictModel):
-    """Tensor self-test: stored inputs and fp32 reference outputs, with tolerances."""
+    """Tensor self-test: stored inputs and reference outputs, with tolerances.
+
+    Bundles before per-output bounds store the fp32 source model's outputs and one
+    ``atol``/``min_cosine`` for all outputs (``reference: source``, ``outputs`` empty).
+    Newer ones store the bundled model's own outputs on the build host with a bound per
+    output (``reference: model``); ``atol`` and ``min_cosine`` then hold the loosest.
+    """
 
     kind: Literal["tensors"] = "tensors"
     path: str
     count: int = Field(ge=1)
-    atol: float = Field(gt=0, description="max abs difference to the fp32 reference")
-    min_cosine: float = Field(description="min cosine similarity to the fp32 reference")
+    atol: float = Field(gt=0, description="max abs difference to the reference")
+    min_cosine: float = Field(description="min cosine similarity to the reference")
+    reference: Literal["source", "model"] = Field(
+        "source", description="whose outputs the vectors hold: the fp32 source's or the model's"
+    )
+    outputs: dict[str, SelfTestBound] = Field(
+        default_factory=dict, description="per-output bounds (empty: atol and min_cosine)"
+    )
+
+    def bound(self, output: str) -> SelfTestBound:
+        """The bound ``output`` is checked against (the spec-wide one for older bundles)."""
+        found = self.outputs.get(output)
+        return found or SelfTestBound(atol=self.atol, min_cosine=self.min_cosine)
 
 
 class TokenSelfTestSpec(StrictModel):

@@ -309,7 +309,7 @@ class Runtime:
         return stream
 
     def selftest(self) -> SelfTestReport:
-        """Run the bundle's self-test vectors against their fp32 reference outputs."""
+        """Run the bundle's self-test vectors against their stored reference outputs."""
         report = run_selftest(self, self.model_dir, self.manifest)
         if self._telemetry is not None:
             self._telemetry.event(

@@ -1,13 +1,19 @@
-"""Self-test vectors: compare what this device computes with the fp32 reference."""
+"""Self-test vectors: compare what this device computes with the build host's reference.
+
+Newer bundles store the bundled model's own outputs on the build host and a bound per
+output (``SelfTestSpec.outputs``); older ones the fp32 source's outputs and one ``atol``
+and ``min_cosine`` for all outputs. ``SelfTestSpec.bound`` gives the one that applies.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .manifest import Manifest, TokenSelfTestSpec
+from .manifest import Manifest, SelfTestBound, TokenSelfTestSpec
 
 INPUT_PREFIX = "input."
 REFERENCE_PREFIX = "reference."
@@ -51,7 +57,7 @@ def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
 
 
 def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport:
-    """Run every vector one sample at a time and compare with the stored fp32 reference."""
+    """Run every vector one sample at a time and compare with the stored reference."""
     spec = manifest.selftest
     if spec.kind == "greedy-tokens":
         return run_token_selftest(runtime.backend, spec)
@@ -66,14 +72,10 @@ def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport
         for name, reference in references.items():
             actual = feeder.output_row(name, outputs[name]).astype(np.float64)
             expected = reference[index : index + 1].astype(np.float64)
-            abs_error = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
-            cosine = float(cosine_rows(actual, expected).min())
-            worst_abs, worst_cos = max(worst_abs, abs_error), min(worst_cos, cosine)
-            if abs_error > spec.atol or cosine < spec.min_cosine:
-                failures.append(
-                    f"vector {index} output {name}: max abs error {abs_error:.3g} "
-                    f"(allowed {spec.atol:.3g}), cosine {cosine:.6f} (needs {spec.min_cosine:.6f})"
-                )
+            check = compare_output(actual, expected, spec.bound(name))
+            worst_abs, worst_cos = max(worst_abs, check.abs_error), min(worst_cos, check.cosine)
+            if check.failure is not None:
+                failures.append(f"vector {index} output {name}: {check.failure}")
     return SelfTestReport(
         passed=not failures,
         vectors=spec.count,
@@ -82,6 +84,46 @@ def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport
         atol=spec.atol,
         required_cosine=spec.min_cosine,
         failures=failures,
+    )
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of one vector against its bound."""
+
+    abs_error: float  # the largest |actual - expected|
+    cosine: float
+    failure: str | None  # why it failed; None: within the bound
+
+
+def compare_output(actual: np.ndarray, expected: np.ndarray, bound: SelfTestBound) -> OutputCheck:
+    """Check ``actual`` against ``expected`` (same shape, one vector) within ``bound``.
+
+    Each element may differ by ``atol + rtol * |expected|``: the absolute part covers
+    values near zero, the relative part large values, whose rounding grows with them.
+    """
+    if actual.shape != expected.shape:
+        return OutputCheck(
+            math.inf, -1.0, f"shape {list(actual.shape)}, expected {list(expected.shape)}"
+        )
+    if not actual.size:
+        return OutputCheck(0.0, 1.0, None)
+    difference = np.abs(actual - expected)
+    allowed = bound.atol + bound.rtol * np.abs(expected)
+    # NaN compares False everywhere: a NaN output must fail, so test for "within" instead.
+    within = bool(np.all(difference <= allowed))
+    abs_error = float(np.max(difference)) if not np.isnan(difference).any() else math.inf
+    cosine = float(cosine_rows(actual, expected).min())
+    if within and cosine >= bound.min_cosine:
+        return OutputCheck(abs_error, cosine, None)
+    worst = int(np.argmax(np.where(np.isnan(difference), np.inf, difference / allowed)))
+    return OutputCheck(
+        abs_error,
+        cosine,
+        f"max abs error {abs_error:.3g} (at element {worst}: {actual.flat[worst]:.4g} vs "
+        f"{expected.flat[worst]:.4g}, allowed {allowed.flat[worst]:.3g} = atol "
+        f"{bound.atol:.3g} + rtol {bound.rtol:g} x |reference|), cosine {cosine:.6f} "
+        f"(needs {bound.min_cosine:.6f})",
     )
 
 

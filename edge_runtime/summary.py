@@ -105,12 +105,27 @@ def _model_text(m: Manifest) -> str:
     return f"{text}, GGUF"
 
 
+def _feeding_text(m: Manifest) -> str:
+    """e.g. "sr = 16000 (constant); state: batch axis 1; state <- stateN (per step)"."""
+    feeding = m.feeding
+    parts = [
+        f"{name} = {json.dumps(value)} (constant)" for name, value in feeding.constants.items()
+    ]
+    axes = {**feeding.batch_axes, **feeding.output_batch_axes}
+    parts += [f"{name}: batch axis {axis}" for name, axis in axes.items()]
+    parts += [f"{name} <- {output} (per step)" for name, output in feeding.state.items()]
+    return "; ".join(parts) or "as declared"
+
+
 def _signature_rows(m: Manifest) -> list[tuple[str, str]]:
     if m.llm is None:
-        return [
+        rows = [
             ("inputs", m.signature_text(m.inputs)),
             ("outputs", m.signature_text(m.outputs)),
         ]
+        if m.feeding is not None:
+            rows.append(("feeding", _feeding_text(m)))
+        return rows
     llm = m.llm
     return [
         (

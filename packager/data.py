@@ -10,7 +10,6 @@ gate on. A build may take several files (one per resolution of a dynamic-shape m
 from __future__ import annotations
 
 import io
-import math
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,6 +130,28 @@ class DataSet:
         model's with its steps on axis 1)."""
         return self.feeder.collect(run, self.arrays)
 
+    def with_arrays(self, arrays: dict[str, np.ndarray], labels=None) -> DataSet:
+        """Other arrays (e.g. a subset of the samples) fed the same way."""
+        return DataSet(self.path, arrays, labels, self.feeder)
+
+    def steps_as_samples(self, run: Run, limit: int | None = None) -> DataSet:
+        """The first ``limit`` feeds as samples of their own, stored samples first (batch
+        axes moved to 0, constants left out): a stateful model's first steps, each with
+        the state ``run`` carried to it (e.g. the float model's), so that every row runs
+        alone, as a self-test vector does. Other sets: their first ``limit`` samples."""
+        feeder = self.feeder
+        if not feeder.sequential:
+            arrays = {name: value[:limit] for name, value in self.arrays.items()}
+            labels = None if self.labels is None else self.labels[:limit]
+            return self.with_arrays(arrays, labels)
+        rows: dict[str, list[np.ndarray]] = {}
+        for _, feed, _ in islice(feeder.run(run, self.arrays), limit):
+            for name, value in feed.items():
+                if name not in feeder.constants:
+                    rows.setdefault(name, []).append(feeder.input_row(name, value))
+        arrays = {name: np.concatenate(values) for name, values in rows.items()}
+        return DataSet(self.path, arrays, None, feeder.without_state())
+
 
 def plain_dataset(arrays: dict[str, np.ndarray], labels=None, path: Path | None = None) -> DataSet:
     """Arrays fed as they are, sample by sample on axis 0 (no axes, constants or state)."""
@@ -167,8 +188,10 @@ def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
             f"optional '{LABELS_KEY}'{extra}); missing {missing}, unknown {unknown}"
         )
     _same_counts(arrays, labels, path, what)
-    if feeder.sequential:
-        _check_steps(arrays, feeder, path, what)
+    try:
+        feeder.check_arrays(arrays)
+    except InputSignatureError as exc:
+        raise DataError(f"{what} file {path}: {exc}") from None
     dataset = DataSet(path, arrays, labels, feeder)
     try:
         check_inputs(feeder.inputs, dataset.first_feed())
@@ -181,27 +204,6 @@ def load_dataset(path: Path, feeder: Feeder, what: str) -> DataSet:
     return dataset
 
 
-def _check_steps(arrays: dict[str, np.ndarray], feeder: Feeder, path: Path, what: str) -> None:
-    """A stateful model's samples are sequences: [samples, steps, ...] for every data input
-    (the input's own axes after the step axis, its batch axis left out)."""
-    ranks = {spec.name: len(spec.shape) for spec in feeder.inputs}
-    steps = {}
-    for name in feeder.data_inputs:
-        shape = list(arrays[name].shape)
-        if len(shape) != ranks[name] + 1:
-            raise DataError(
-                f"{what} file {path}: with --state each sample is a sequence, so array "
-                f"{name!r} needs [samples, steps, ...] ({ranks[name] + 1} axes: the input's "
-                f"own, its batch axis replaced by samples, then steps); it has shape {shape}"
-            )
-        steps[name] = shape[1]
-    if len(set(steps.values())) > 1 or 0 in steps.values():
-        raise DataError(
-            f"{what} file {path}: with --state the arrays need the same, non-zero step count "
-            f"(axis 1); got {steps}"
-        )
-
-
 def calibration_feeds(
     datasets: list[DataSet], limit: int | None = None, run: Run | None = None
 ) -> list[dict[str, np.ndarray]]:
@@ -210,31 +212,8 @@ def calibration_feeds(
     ``run``, e.g. the float model's)."""
     if not datasets:
         return []
-    share = None if limit is None else max(1, math.ceil(limit / len(datasets)))
-    if limit is not None and share * len(datasets) > limit:
-        share = max(1, limit // len(datasets))
+    share = None if limit is None else max(1, limit // len(datasets))
     return [feed for dataset in datasets for feed in dataset.feeds(run, share)]
-
-
-def step_rows(
-    dataset: DataSet, run: Run, count: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The first ``count`` feeds of ``dataset`` (a stateful model's first steps, their
-    state included) and ``run``'s outputs on them, each stored samples first, one row
-    per feed; constant inputs are left out (the runtime fills them in)."""
-    feeder = dataset.feeder
-    inputs: dict[str, list[np.ndarray]] = {}
-    outputs: dict[str, list[np.ndarray]] = {}
-    for _, feed, result in islice(feeder.run(run, dataset.arrays), count):
-        for name, value in feed.items():
-            if name not in feeder.constants:
-                inputs.setdefault(name, []).append(feeder.input_row(name, value))
-        for name, value in result.items():
-            outputs.setdefault(name, []).append(feeder.output_row(name, value))
-    return (
-        {name: np.concatenate(rows) for name, rows in inputs.items()},
-        {name: np.concatenate(rows) for name, rows in outputs.items()},
-    )
 
 
 def sample(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:

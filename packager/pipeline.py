@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.manifest import Attempt, Manifest, QuantizationRecord
+from edge_runtime.manifest import Attempt, Manifest, QuantizationRecord, SpeedCheck
 
 from .errors import GateError, PackagerError
 from .formats import detect_format
@@ -30,8 +30,9 @@ from .formats.base import Chosen, FormatPipeline, Recipe, Step
 from .keys import load_private_key
 from .passes import ModelArtifact, Package, Pass, PassContext, get_pass
 from .passes.base import PassFailedError, PassRecord, RecipeSkippedError
-from .passes.package import PackageRequest
+from .passes.package import PackageRequest, package_options
 from .settings import BuildConfig
+from .speed import slower_reason, speed_check
 
 Progress = Callable[[str], None]
 
@@ -82,7 +83,7 @@ def plan_build(settings: BuildConfig) -> Plan:
     ]
     gate = _instantiate(pipeline.gate.step, settings, pipeline)
     measure = _instantiate(pipeline.measure.step, settings, pipeline) if settings.measure else None
-    package = _instantiate(Step(Package.name), settings, pipeline)
+    package = _instantiate(Step(Package.name, options=package_options), settings, pipeline)
     pipeline.data.check(pipeline, settings)
     return Plan(pipeline, prepare, chain, gate, measure, package)
 
@@ -182,60 +183,30 @@ def _run(plan: Plan, settings: BuildConfig, ctx: PassContext) -> Manifest:
 
 def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: ModelArtifact):
     """Try each recipe in order: the attempts, the first passing candidate, its records."""
-    gate, progress = plan.pipeline.gate, ctx.progress
+    gate = plan.pipeline.gate
     limit = gate.threshold(settings)
     attempts: list[Attempt] = []
     census = plan.pipeline.weights
     before = census(prepared.path) if census is not None else None
-    for recipe, passes in plan.chain:
-        if recipe.needs_calibration and ctx.calibration is None:
-            attempts.append(
-                Attempt(recipe=recipe.name, status="skipped", reason="needs --calibration FILE.npz")
+    judged: dict[Path, dict[str, Any]] = {}
+
+    def judge(artifact: ModelArtifact) -> dict[str, Any]:
+        """The gate's figures for a candidate a pass is still searching over."""
+        evaluated, _ = plan.gate.run(artifact, ctx)
+        judged[artifact.path] = dict(evaluated.metrics)
+        return dict(evaluated.metrics)
+
+    ctx.judge = judge
+    try:
+        for recipe, passes in plan.chain:
+            attempt, chosen, records = _try_recipe(
+                plan, settings, ctx, prepared, recipe, passes, before, judged
             )
-            progress(f"{recipe.name}: skipped (no calibration data)")
-            continue
-        progress(plan.pipeline.announce(recipe))
-        candidate, records, excluded = prepared, [], []
-        try:
-            for recipe_pass in passes:
-                output, record = recipe_pass.run(candidate, ctx)
-                candidate = output.artifact
-                records.append(record)
-                # A mixed-precision pass names the nodes it kept in float.
-                excluded = list(output.metrics.get("excluded_nodes", excluded))
-            if census is not None:
-                candidate = _precision_from_file(candidate, census, before, bool(passes))
-            progress(gate.evaluating(recipe.name, ctx))
-            evaluated, _ = plan.gate.run(candidate, ctx)
-        except RecipeSkippedError as exc:
-            attempts.append(Attempt(recipe=recipe.name, status="skipped", reason=str(exc)[:500]))
-            progress(f"{recipe.name}: skipped: {exc}")
-            continue
-        except PassFailedError as exc:
-            attempts.append(Attempt(recipe=recipe.name, status="error", reason=str(exc)[:500]))
-            progress(f"{recipe.name}: error: {exc}")
-            continue
-        metrics = dict(evaluated.metrics)
-        passed = bool(metrics.pop("passed"))
-        # The gate's words may name the worst output, so they see the per-output scores.
-        reason = None if passed else gate.reason(metrics, limit)
-        verdict = gate.verdict(recipe.name, metrics, passed)
-        outputs = metrics.pop("outputs", [])  # per-output scores (OutputScore fields)
-        attempts.append(
-            Attempt(
-                recipe=recipe.name,
-                status="passed" if passed else "failed",
-                reason=reason,
-                metrics=metrics,
-                size_bytes=candidate.path.stat().st_size,
-                outputs=outputs,
-                excluded_nodes=excluded,
-            )
-        )
-        progress(verdict)
-        if passed:
-            chosen = Chosen(candidate.path, recipe.name, candidate.precision, metrics)
-            return attempts, chosen, records
+            attempts.append(attempt)
+            if chosen is not None:
+                return attempts, chosen, records
+    finally:
+        ctx.judge = None
     failed, fix = gate.refusal(limit)
     raise GateError(
         f"{failed}: "
@@ -243,6 +214,98 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
         + f". {fix}",
         attempts,
     )
+
+
+def _try_recipe(
+    plan: Plan,
+    settings: BuildConfig,
+    ctx: PassContext,
+    prepared: ModelArtifact,
+    recipe: Recipe,
+    passes: list[Pass],
+    before,
+    judged: dict[Path, dict[str, Any]],
+) -> tuple[Attempt, Chosen | None, list[PassRecord]]:
+    """One recipe: its passes, the gate, and for a quantized candidate that passed, the
+    speed check against the prepared float model."""
+    gate, progress, census = plan.pipeline.gate, ctx.progress, plan.pipeline.weights
+    if recipe.needs_calibration and ctx.calibration is None:
+        progress(f"{recipe.name}: skipped (no calibration data)")
+        return (
+            Attempt(recipe=recipe.name, status="skipped", reason="needs --calibration FILE.npz"),
+            None,
+            [],
+        )
+    progress(plan.pipeline.announce(recipe))
+    candidate, records, excluded = prepared, [], []
+    try:
+        for step, recipe_pass in zip(recipe.steps, passes, strict=True):
+            output, record = recipe_pass.run(candidate, ctx)
+            candidate = output.artifact
+            # As in prepare: a step that found nothing to change leaves no record.
+            if record.output is not None or not step.only_if_changed:
+                records.append(record)
+            # A mixed-precision pass names the nodes it kept in float.
+            excluded = list(output.metrics.get("excluded_nodes", excluded))
+        if census is not None:
+            candidate = _precision_from_file(candidate, census, before, bool(passes))
+        if candidate.path in judged:  # a searching pass already ran the gate on it
+            metrics = dict(judged[candidate.path])
+        else:
+            progress(gate.evaluating(recipe.name, ctx))
+            evaluated, _ = plan.gate.run(candidate, ctx)
+            metrics = dict(evaluated.metrics)
+    except RecipeSkippedError as exc:
+        progress(f"{recipe.name}: skipped: {exc}")
+        return Attempt(recipe=recipe.name, status="skipped", reason=str(exc)[:500]), None, []
+    except PassFailedError as exc:
+        progress(f"{recipe.name}: error: {exc}")
+        return Attempt(recipe=recipe.name, status="error", reason=str(exc)[:500]), None, []
+    passed = bool(metrics.pop("passed"))
+    # The gate's words may name the worst output, so they see the per-output scores.
+    reason = None if passed else gate.reason(metrics, gate.threshold(settings))
+    progress(gate.verdict(recipe.name, metrics, passed))
+    outputs = metrics.pop("outputs", [])  # per-output scores (OutputScore fields)
+    speed = None
+    if passed and candidate.precision != "fp32" and _times_candidates(plan, settings, ctx):
+        speed = _speed_check(plan, ctx, recipe, candidate, prepared)
+        reason = slower_reason(speed)
+        passed = reason is None
+    attempt = Attempt(
+        recipe=recipe.name,
+        status="passed" if passed else "failed",
+        reason=reason,
+        metrics=metrics,
+        size_bytes=candidate.path.stat().st_size,
+        outputs=outputs,
+        excluded_nodes=excluded,
+        speed=speed,
+    )
+    if not passed:
+        return attempt, None, records
+    return attempt, Chosen(candidate.path, recipe.name, candidate.precision, metrics), records
+
+
+def _times_candidates(plan: Plan, settings: BuildConfig, ctx: PassContext) -> bool:
+    """Whether quantized candidates are timed against float: the format opens models on
+    this host, and the build measures (``--no-measure`` builds time nothing, so that two
+    of them give the same bytes)."""
+    return settings.measure and plan.pipeline.host_session is not None and bool(ctx.evaluation)
+
+
+def _speed_check(
+    plan: Plan, ctx: PassContext, recipe: Recipe, candidate: ModelArtifact, prepared: ModelArtifact
+) -> SpeedCheck:
+    ctx.progress(f"{recipe.name}: timing against fp32 on this host, side by side")
+    # The first eval sample, fed as the model is (batch axes, constants; a stateful
+    # model's first step).
+    dataset = ctx.eval_sets[0]
+    run = ctx.source_run() if dataset.feeder.sequential else None
+    feed = next(iter(dataset.feeds(run, samples=1)))
+    speed = speed_check(plan.pipeline, ctx.profile, candidate.path, prepared.path, feed)
+    where = "" if speed.representative else f" (not representative of {ctx.profile.arch.value})"
+    ctx.progress(f"{recipe.name}: {speed.ratio:.2f}x the speed of fp32 on this host{where}")
+    return speed
 
 
 def _precision_from_file(candidate: ModelArtifact, census, before, transformed: bool):

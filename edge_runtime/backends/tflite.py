@@ -117,8 +117,8 @@ class TfliteSession:
         try:
             self.interpreter = module.Interpreter(
                 model_path=str(model_path),
-                # 0 means "the engine decides", which is -1 to the interpreter.
-                num_threads=threads if threads > 0 else -1,
+                # 0 means "the engine decides": no num_threads (ai_edge_litert refuses -1).
+                num_threads=threads if threads > 0 else None,
                 experimental_op_resolver_type=resolver.AUTO
                 if xnnpack
                 else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,

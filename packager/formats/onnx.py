@@ -24,6 +24,26 @@ RECIPES = recipes_by_name(
         needs_calibration=True,
     ),
     Recipe(
+        "int8-static-percentile",
+        "int8 QDQ as int8-static-qdq-per-channel, activation ranges clipped at the 99.999th "
+        "percentile, so a few outliers no longer waste the int8 levels",
+        (Step("OnnxStaticQuantize", {"per_channel": True, "calibrate_method": "percentile"}),),
+        needs_calibration=True,
+    ),
+    Recipe(
+        "int8-static-entropy",
+        "int8 QDQ as int8-static-qdq-per-channel, activation ranges that minimise the KL "
+        "divergence of each histogram (slower to calibrate)",
+        (Step("OnnxStaticQuantize", {"per_channel": True, "calibrate_method": "entropy"}),),
+        needs_calibration=True,
+    ),
+    Recipe(
+        "int8-static-mixed",
+        "int8 QDQ with the nodes that break the gate kept in float, found automatically",
+        (Step("OnnxMixedPrecisionQuantize", {"per_channel": True}),),
+        needs_calibration=True,
+    ),
+    Recipe(
         "int8-dynamic-per-channel",
         "int8 per-channel weights; activations quantized at run time",
         (Step("OnnxDynamicQuantize", {"per_channel": True}),),
@@ -75,11 +95,42 @@ def backend_spec(profile) -> OnnxBackendSpec:
     )
 
 
-def host_session(path: Path) -> OnnxSession:
-    """The model on this host's CPU, every core, for the evaluate pass."""
+def host_session(
+    path: Path, threads: int | None = None, backend: OnnxBackendSpec | None = None
+) -> OnnxSession:
+    """The model on this host's CPU: every core unless ``threads`` is given, ONNX Runtime's
+    session defaults unless ``backend`` (the profile's spec) sets the arena and spinning.
+    The evaluate pass takes the defaults; the speed check passes the profile's settings."""
     from edge_runtime.backends.onnx import OnnxSession
 
-    return OnnxSession(path, threads=os.cpu_count() or 1, providers=["CPUExecutionProvider"])
+    options = {}
+    if backend is not None:
+        options = {
+            "cpu_mem_arena": backend.enable_cpu_mem_arena,
+            "allow_spinning": backend.allow_spinning,
+        }
+    return OnnxSession(
+        path, threads=threads or os.cpu_count() or 1, providers=["CPUExecutionProvider"], **options
+    )
+
+
+class _UnfusedSession:
+    """ONNX Runtime with every graph fusion off: a QDQ model runs as dequantize, float
+    op, quantize, so its integer sums are exact, as on ARM or with VNNI, where the fused
+    x86 AVX2 kernels saturate 16-bit pair sums. For the self-test bounds only."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, inputs: dict) -> dict:
+        return dict(zip(self.names, self.session.run(self.names, inputs), strict=True))
 
 
 def signature(path: Path) -> tuple[list, list]:
@@ -150,6 +201,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
     host_session=host_session,
+    kernel_check=_UnfusedSession,
     signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.onnx:measure_loader",

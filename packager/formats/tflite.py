@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,18 +17,27 @@ from .tensors import tensor_bench, tensor_format
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
     from edge_runtime.backends.tflite import TfliteSession
 
+# Before an int8 recipe, float16 weights (DEQUANTIZE-fed constants) are folded back to
+# float32 and checked against the source; a float32 source leaves no record of it.
+_FLOAT32_WEIGHTS = Step("TfliteDequantizeFp16", only_if_changed=True)
+
 RECIPES = recipes_by_name(
     Recipe(
         "int8-static",
         "int8 weights and activations, ranges calibrated on --calibration data "
         "(ai-edge-quantizer); float inputs and outputs",
-        (Step("TfliteQuantize", {"mode": "int8-static"}),),
+        (
+            _FLOAT32_WEIGHTS,
+            # Standalone RELUs would split XNNPACK's int8 graph (see the pass).
+            Step("TfliteFuseActivations", only_if_changed=True),
+            Step("TfliteQuantize", {"mode": "int8-static"}),
+        ),
         needs_calibration=True,
     ),
     Recipe(
         "int8-dynamic",
         "int8 per-channel weights, activations quantized at run time (ai-edge-quantizer)",
-        (Step("TfliteQuantize", {"mode": "int8-dynamic"}),),
+        (_FLOAT32_WEIGHTS, Step("TfliteQuantize", {"mode": "int8-dynamic"})),
     ),
     Recipe(
         "fp16",
@@ -66,11 +76,22 @@ def backend_spec(profile) -> TfliteBackendSpec:
     )
 
 
-def host_session(path: Path, threads: int | None = None) -> TfliteSession:
-    """The model on this host (every core unless ``threads`` is given), XNNPACK on."""
+def host_session(
+    path: Path, threads: int | None = None, backend: TfliteBackendSpec | None = None
+) -> TfliteSession:
+    """The model on this host (every core unless ``threads`` is given), XNNPACK on unless
+    ``backend`` (the profile's spec, for the speed check) turns it off."""
     from edge_runtime.backends.tflite import TfliteSession
 
-    return TfliteSession(path, threads or os.cpu_count() or 1, True)
+    xnnpack = backend.xnnpack if backend is not None else True
+    return TfliteSession(path, threads or os.cpu_count() or 1, xnnpack)
+
+
+def reference_kernels(path: Path) -> TfliteSession:
+    """The model on LiteRT's built-in kernels, XNNPACK off (for the self-test bounds)."""
+    from edge_runtime.backends.tflite import TfliteSession
+
+    return TfliteSession(path, os.cpu_count() or 1, False)
 
 
 def signature(path: Path) -> tuple[list, list]:
@@ -100,7 +121,19 @@ def _validated(facts: dict, precision: str) -> str:
     return f"validate: {facts['interpreter']}, {operators} operators, {precision} weights"
 
 
-PIPELINE = tensor_format(
+def _refusal(limit: float) -> tuple[str, str]:
+    """The shared gate's words, with TFLite's way out: as-is (there is no fp32 recipe)."""
+    failed, _ = _PIPELINE.gate.refusal(limit)
+    return (
+        failed,
+        "A skipped recipe says why it did not apply. Raise the threshold (or one output's: "
+        "--metric OUTPUT=NAME:max=V), pick a metric that fits the output (--task, --metric; "
+        "docs/quantization.md), check the eval data, or bundle the model unquantized: "
+        "--recipe as-is, or as-is at the end of the profile's tflite recipes.",
+    )
+
+
+_PIPELINE = tensor_format(
     name="tflite",
     rank=2,  # profiles list onnx, gguf, tflite
     noun="a TFLite",
@@ -120,11 +153,19 @@ PIPELINE = tensor_format(
             announce=lambda p: "validate: flatbuffer structure, interpreter load, signature",
             report=_validated,
         ),
+        # A signature for a model without one; operator codes where the quantizer reads them.
+        Step("TfliteNormalize", only_if_changed=True),
     ),
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "ai-edge-litert", "ai-edge-quantizer", "numpy"),
     host_session=host_session,
+    kernel_check=reference_kernels,
     signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.tflite:measure_loader",
+)
+
+# TFLite has no "fp32" recipe: the way out of a refusal is as-is.
+PIPELINE = dataclasses.replace(
+    _PIPELINE, gate=dataclasses.replace(_PIPELINE.gate, refusal=_refusal)
 )

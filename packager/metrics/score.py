@@ -98,8 +98,8 @@ def score_dataset(
 def summary_figures(
     reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
-    """Whole-model figures kept beside the per-output scores: the self-test's tolerances
-    are derived from the errors and the worst cosine (``Package.selftest_tolerance``)."""
+    """Whole-model figures kept beside the per-output scores, in each attempt's record
+    (the self-test's bounds no longer come from them: packager/passes/selftest_vectors.py)."""
     cosines = np.concatenate(
         [cosine_rows(np.asarray(candidate[n]), np.asarray(reference[n])) for n in reference]
     )

@@ -4,6 +4,7 @@ from .base import PASSES, ModelArtifact, Pass, PassConfig, PassContext, PassOutp
 from .evaluate import Evaluate
 from .gguf import GgufEvaluate, GgufQuantize, GgufValidate
 from .measure import GgufMeasure, Measure
+from .onnx_mixed import OnnxMixedPrecisionQuantize
 from .onnx_opset import OnnxOpsetUpgrade
 from .onnx_optimize import OnnxGraphOptimize
 from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
@@ -22,6 +23,7 @@ __all__ = [
     "ModelArtifact",
     "OnnxDynamicQuantize",
     "OnnxGraphOptimize",
+    "OnnxMixedPrecisionQuantize",
     "OnnxOpsetUpgrade",
     "OnnxStaticQuantize",
     "OnnxToFloat16",

@@ -59,7 +59,8 @@ class PassContext:
     """Shared state of one build: the work folder, profile, data and progress hook.
 
     ``source`` is the model the build started from, which the gates compare against.
-    The last fields are caches: figures of the source model, computed once per build.
+    ``reference_outputs`` and ``source_score`` are caches: figures of the source model,
+    computed once per build.
     """
 
     workdir: Path
@@ -76,6 +77,10 @@ class PassContext:
     # Every --eval and --calibration file (packager.data.DataSet), in order; the
     # ``evaluation``/``calibration``/``labels`` fields above are the first file's.
     datasets: dict[str, list[Any]] = field(default_factory=dict)
+    # Set by the engine during the recipe loop: runs the build's gate on a candidate and
+    # returns its figures ("passed", "degradation", ...), so a searching pass (mixed
+    # precision) can judge its intermediate candidates the way the build will.
+    judge: Callable[[ModelArtifact], dict[str, Any]] | None = None
     _counter: int = 0
 
     def use_data(self, eval_sets: list[Any], calibration_sets: list[Any]) -> None:

@@ -93,49 +93,81 @@ class OnnxStaticQuantize(Pass):
     needs_calibration = True
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            quantize_static,
-        )
-
-        if ctx.calibration is None:
-            raise DataError("static quantization needs --calibration FILE.npz")
-        # Every --calibration file, fed as the model is (batch axes, constants, state).
-        feeds = ctx.calibration_feeds(self.config.max_samples)
-        count = len(feeds)
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.index = 0
-
-            def get_next(self):
-                if self.index >= count:
-                    return None
-                self.index += 1
-                return feeds[self.index - 1]
-
-        methods = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }
         output = out_dir / "model.onnx"
-        ctx.progress(f"calibrating on {count} samples")
-        with _quiet_root_logger():
-            quantize_static(
-                str(model.path),
-                str(output),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=self.config.per_channel,
-                activation_type=_quant_type(self.config.activation_type),
-                weight_type=_quant_type(self.config.weight_type),
-                calibrate_method=methods[self.config.calibrate_method],
-                extra_options=_default_tensor_type(),
-            )
+        quantize_qdq(model.path, output, self.config, ctx)
         return PassOutput(ModelArtifact(output, "onnx", "int8"))
+
+
+def quantize_qdq(
+    source: Path,
+    output: Path,
+    config: OnnxStaticQuantizeConfig,
+    ctx: PassContext,
+    nodes_to_exclude: list[str] | tuple[str, ...] = (),
+    calibration_cache: Path | None = None,
+) -> None:
+    """Static QDQ int8 of ``source`` into ``output``, activation ranges calibrated on
+    ``ctx.calibration`` with ``config.calibrate_method``; ``nodes_to_exclude`` (node names)
+    stay float: no QDQ on their inputs and outputs, their weights not quantized.
+
+    ``calibration_cache``: a JSON file of the ranges, written by the first call and read by
+    the next ones (ONNX Runtime 1.2x and later; older ones calibrate every time), so a
+    search that quantizes one model many times calibrates once.
+    """
+    import inspect
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        quantize_static,
+    )
+
+    if ctx.calibration is None:
+        raise DataError("static quantization needs --calibration FILE.npz")
+    # Every --calibration file, fed as the model is (batch axes, constants, state).
+    feeds = ctx.calibration_feeds(config.max_samples)
+    count = len(feeds)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.index = 0
+
+        def get_next(self):
+            if self.index >= count:
+                return None
+            self.index += 1
+            return feeds[self.index - 1]
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    cache = {}
+    if calibration_cache is not None:
+        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+            cache = {"calibration_cache_path": str(calibration_cache)}
+        if calibration_cache.is_file() and cache:
+            ctx.progress(f"calibration ranges from the first run ({config.calibrate_method})")
+        else:
+            ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
+    else:
+        ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
+    with _quiet_root_logger():
+        quantize_static(
+            str(source),
+            str(output),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
+            activation_type=_quant_type(config.activation_type),
+            weight_type=_quant_type(config.weight_type),
+            calibrate_method=methods[config.calibrate_method],
+            nodes_to_exclude=list(nodes_to_exclude),
+            extra_options=_default_tensor_type(),
+            **cache,
+        )
 
 
 class OnnxToFloat16Config(PassConfig):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from pydantic import Field
 
 from edge_runtime.bundle import sha256_file
@@ -31,14 +30,12 @@ from edge_runtime.manifest import (
     TokenSelfTestSpec,
     WheelhouseSpec,
 )
-from edge_runtime.selftest import INPUT_PREFIX, REFERENCE_PREFIX
 
 from ..bundle_writer import write_bundle
-from ..data import save_npz_deterministic, step_rows
 from ..formats import formats, get_format
 from ..keys import load_private_key
-from .base import ModelArtifact, Pass, PassConfig, PassContext, PassOutput
-from .evaluate import reference_outputs
+from .base import PROGRAMMING_ERRORS, ModelArtifact, Pass, PassConfig, PassContext, PassOutput
+from .selftest_vectors import choose_vectors, margin_for, write_vectors
 
 SELFTEST_MEMBER = "selftest/vectors.npz"
 _BUNDLE_NAMESPACE = uuid.UUID("6f1d2c52-7f0e-4d0a-9a43-5e0b7d1c2a10")
@@ -74,31 +71,18 @@ class PackageRequest:
     feeding: FeedingSpec | None = None  # constant inputs, batch axes, carried state
 
 
-def _round_up(value: float, digits: int = 3) -> float:
-    if value <= 0:
-        return value
-    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
-    # round() first, so float noise (0.04000000000000036) does not bump the last digit
-    return math.ceil(round(value * scale, 6)) / scale
-
-
-def selftest_tolerance(metrics: dict[str, float]) -> tuple[float, float]:
-    """Tolerances for the device self-test, from what the eval data showed on the host.
-
-    Twice the worst error seen on the eval set leaves room for other CPUs' kernels
-    (e.g. ARM int8 paths) without letting a broken runtime pass. A floor relative to
-    the output scale covers fp32 recipes, whose host error is ~0.
-    """
-    floor = 1e-4 * max(1.0, metrics["reference_max_abs"])
-    atol = _round_up(max(2 * metrics["max_abs_error"], floor))
-    min_cosine = 1.0 - _round_up(max(2 * (1.0 - metrics["cosine_min"]), 1e-5))
-    return atol, round(min_cosine, 9)
-
-
 class PackageConfig(PassConfig):
-    selftest_vectors: int = Field(
-        4, ge=1, le=64, description="eval samples kept as self-test vectors"
+    selftest_vectors: int | None = Field(
+        None,
+        ge=1,
+        description="eval samples kept as self-test vectors (None: as many as fit the "
+        "budget, 10% of the model or 1 MiB, at most 8)",
     )
+
+
+def package_options(settings, profile) -> dict[str, Any]:
+    """The Package pass's config from the build settings (``--selftest-vectors``)."""
+    return {"selftest_vectors": settings.selftest_vectors}
 
 
 class Package(Pass):
@@ -117,7 +101,7 @@ class Package(Pass):
         roles = {model_member: FileRole.MODEL}
         selftest = request.selftest
         if selftest is None:
-            sources[SELFTEST_MEMBER], count = self._write_vectors(out_dir, ctx)
+            selftest, sources[SELFTEST_MEMBER] = self._write_vectors(model, out_dir, ctx)
             roles[SELFTEST_MEMBER] = FileRole.SELFTEST
         files = [
             FileEntry(
@@ -130,11 +114,6 @@ class Package(Pass):
         ]
         profile = ctx.profile
         model_digest = next(entry.sha256 for entry in files if entry.path == model_member)
-        if selftest is None:
-            atol, min_cosine = selftest_tolerance(request.chosen_metrics)
-            selftest = SelfTestSpec(
-                path=SELFTEST_MEMBER, count=count, atol=atol, min_cosine=min_cosine
-            )
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             bundle_id=str(
@@ -183,21 +162,37 @@ class Package(Pass):
             ModelArtifact(request.output, "edgepkg", model.precision), {"manifest": manifest}
         )
 
-    def _write_vectors(self, out_dir: Path, ctx: PassContext) -> tuple[Path, int]:
-        """Self-test vectors: the first eval feeds (a stateful model's first steps, state
-        included; constants left to the runtime), stored samples first, and the fp32
-        model's outputs on them; and how many there are."""
+    def _write_vectors(
+        self, model: ModelArtifact, out_dir: Path, ctx: PassContext
+    ) -> tuple[SelfTestSpec, Path]:
+        """Self-test vectors: eval feeds (of the first eval file) and the bundled model's
+        outputs on them on this host, with a bound per output."""
+        pipeline = get_format(model.format)
         dataset = ctx.eval_sets[0]
-        if dataset.feeder.plain:
-            count = min(self.config.selftest_vectors, dataset.samples)
-            inputs = {name: value[:count] for name, value in dataset.arrays.items()}
-            references = {name: value[:count] for name, value in reference_outputs(ctx).items()}
-        else:
-            inputs, references = step_rows(dataset, ctx.source_run(), self.config.selftest_vectors)
-            count = len(next(iter(references.values())))
-        vectors = {f"{INPUT_PREFIX}{k}": v for k, v in inputs.items()}
-        for name, value in references.items():
-            vectors[f"{REFERENCE_PREFIX}{name}"] = np.ascontiguousarray(value)
-        vectors_path = out_dir / "vectors.npz"
-        save_npz_deterministic(vectors_path, vectors)
-        return vectors_path, count
+        choice = choose_vectors(
+            dataset.feeder,
+            dataset.arrays,
+            pipeline.host_session(model.path).run,
+            model_bytes=model.path.stat().st_size,
+            margin=margin_for(model.precision, ctx.profile.accelerator.value),
+            requested=self.config.selftest_vectors,
+            member=SELFTEST_MEMBER,
+            check=_kernel_check(pipeline.kernel_check, model.path, ctx.progress),
+        )
+        for note in choice.notes:
+            ctx.progress(note)
+        return choice.spec, write_vectors(out_dir / "vectors.npz", choice)
+
+
+def _kernel_check(opener, path: Path, progress):
+    """The model opened through the format's second kernel path, its ``run``; None, with
+    a note, when the engine cannot open it that way (the margins alone bound it then)."""
+    if opener is None:
+        return None
+    try:
+        return opener(path).run
+    except PROGRAMMING_ERRORS:
+        raise
+    except Exception as exc:  # the engine's own refusal: the margins still apply
+        progress(f"self-test: no second kernel path for the bounds ({exc})"[:300])
+        return None

@@ -128,7 +128,7 @@ def test_selftest_passes_on_the_real_bundle(cnn_bundle, keypair):
     result = CliRunner().invoke(cli, ["selftest", str(cnn_bundle), "--pubkey", str(keypair[1])])
 
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("self-test PASS: 4 vectors, max abs error ")
+    assert result.stdout.startswith("self-test PASS: 8 vectors, max abs error ")
 
 
 def test_selftest_json_report(cnn_bundle, keypair):
@@ -139,7 +139,7 @@ def test_selftest_json_report(cnn_bundle, keypair):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] is True
-    assert report["vectors"] == 4
+    assert report["vectors"] == 8
     assert report["failures"] == []
     assert report["max_abs_error"] <= report["atol"]
 
@@ -180,7 +180,7 @@ def test_run_writes_outputs_matching_the_fp32_reference(
     )
 
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"wrote {output}: logits[4, 10]\n"
+    assert result.stdout == f"wrote {output}: logits[8, 10]\n"
     with np.load(output, allow_pickle=False) as data:
         outputs = {name: data[name] for name in data.files}
     assert_matches_reference(outputs, vectors, bundle_files)
@@ -303,7 +303,7 @@ def test_subprocess_selftest_exits_0_on_a_good_bundle(edge_runtime, cnn_bundle, 
     completed = edge_runtime("selftest", cnn_bundle, "--pubkey", keypair[1])
 
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.startswith("self-test PASS: 4 vectors")
+    assert completed.stdout.startswith("self-test PASS: 8 vectors")
     assert completed.stderr == ""
 
 

@@ -24,7 +24,7 @@ FORMATS = [
             "backend": "backend    onnx: CPUExecutionProvider",
             "model": "model      model/model.onnx: int8-static-qdq-per-channel (int8), opset ",
             "signature": "inputs     image: float32[batch, 1, 8, 8]",
-            "selftest": "self-test  4 vectors, atol ",
+            "selftest": "self-test  8 vectors, atol ",
         },
         id="onnx",
     ),
@@ -34,7 +34,7 @@ FORMATS = [
             "backend": "backend    tflite: XNNPACK on, 4 threads",
             "model": "model      model/model.tflite: int8-static (int8), signature serving_default",
             "signature": "inputs     image: float32[1, 1, 8, 8]",
-            "selftest": "self-test  4 vectors, atol ",
+            "selftest": "self-test  8 vectors, atol ",
         },
         id="tflite",
     ),
@@ -164,5 +164,5 @@ def test_selftest_passes(fixture, expected, request, keypair):
         assert "greedy tokens match the build host's" in plain.output
         assert report["expected_tokens"] == 16
     else:
-        assert "4 vectors, max abs error" in plain.output
-        assert report["vectors"] == 4
+        assert "8 vectors, max abs error" in plain.output
+        assert report["vectors"] == 8

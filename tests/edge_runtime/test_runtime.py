@@ -37,7 +37,7 @@ def runtime(cnn_bundle, keypair):
 
 @pytest.fixture
 def vectors(runtime) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The bundle's own self-test inputs and fp32 reference outputs."""
+    """The bundle's own self-test inputs and reference outputs (the bundled model's)."""
     return load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
 
 
@@ -184,7 +184,7 @@ def test_selftest_passes_on_the_real_bundle(runtime):
 
     assert report.passed
     assert report.failures == []
-    assert report.vectors == spec.count == 4
+    assert report.vectors == spec.count == 8
     assert 0 <= report.max_abs_error <= spec.atol
     assert spec.min_cosine <= report.min_cosine <= 1.0
     assert (report.atol, report.required_cosine) == (spec.atol, spec.min_cosine)
@@ -193,7 +193,7 @@ def test_selftest_passes_on_the_real_bundle(runtime):
 @pytest.mark.parametrize(
     ("corrupt", "phrase"),
     [
-        pytest.param(lambda ref: -ref, "cosine -0.99", id="negated-reference"),
+        pytest.param(lambda ref: -ref, "cosine -1.000000", id="negated-reference"),
         pytest.param(lambda ref: ref + 1000.0, "max abs error 1e+03", id="shifted-reference"),
     ],
 )
@@ -214,6 +214,55 @@ def test_selftest_fails_when_the_device_disagrees_with_the_reference(
     assert len(report.failures) == manifest.selftest.count
     assert report.failures[0].startswith("vector 0 output logits: ")
     assert phrase in report.failures[0]
+
+
+def selftest_with_references(runtime, references, tmp_path, **spec_changes):
+    """run_selftest on the bundle's own inputs with ``references`` stored instead."""
+    inputs, _ = load_vectors(runtime.model_dir / runtime.manifest.selftest.path)
+    stored = {f"input.{name}": value for name, value in inputs.items()}
+    stored.update({f"reference.{name}": value for name, value in references.items()})
+    np.savez(tmp_path / "vectors.npz", **stored)
+    spec = runtime.manifest.selftest.model_copy(update={"path": "vectors.npz", **spec_changes})
+    return run_selftest(runtime, tmp_path, runtime.manifest.model_copy(update={"selftest": spec}))
+
+
+@pytest.mark.parametrize(("factor", "passed"), [(0.9, True), (1.2, False)])
+def test_the_device_is_held_to_each_outputs_own_bound(runtime, vectors, factor, passed, tmp_path):
+    """A device whose outputs moved by ``factor`` times the bound on one element."""
+    _, references = vectors
+    bound = runtime.manifest.selftest.bound("logits")
+    expected = references["logits"].astype(np.float64)
+    moved = expected.copy()
+    moved[:, 3] += factor * (bound.atol + bound.rtol * np.abs(expected[:, 3]))
+    # The device computes ``expected``; a reference ``moved`` away is the same distance.
+    # The cosine check is left out here: one element moved that far turns the vector.
+    elementwise = {"logits": bound.model_copy(update={"min_cosine": -1.0})}
+    report = selftest_with_references(
+        runtime, {"logits": moved.astype(np.float32)}, tmp_path, outputs=elementwise
+    )
+
+    assert report.passed is passed
+    assert len(report.failures) == (0 if passed else runtime.manifest.selftest.count)
+    if not passed:
+        assert "(at element 3: " in report.failures[0]
+        assert f"atol {bound.atol:.3g} + rtol {bound.rtol:g} x |reference|" in report.failures[0]
+
+
+def test_a_selftest_spec_without_per_output_bounds_uses_its_one_atol(runtime, vectors, tmp_path):
+    """Bundles before per-output bounds: one atol and min_cosine for every output."""
+    _, references = vectors
+    shifted = {"logits": references["logits"] + np.float32(0.5)}
+
+    loose = selftest_with_references(
+        runtime, shifted, tmp_path, outputs={}, reference="source", atol=0.6, min_cosine=0.9
+    )
+    tight = selftest_with_references(
+        runtime, shifted, tmp_path, outputs={}, reference="source", atol=0.4, min_cosine=0.9
+    )
+
+    assert loose.passed and (loose.atol, loose.required_cosine) == (0.6, 0.9)
+    assert not tight.passed
+    assert "allowed 0.4 = atol 0.4 + rtol 0 x |reference|" in tight.failures[0]
 
 
 @pytest.mark.parametrize(

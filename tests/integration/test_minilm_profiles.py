@@ -54,8 +54,8 @@ def test_minilm_bundle_verifies_selftests_and_matches_fp32(
     assert report.passed, report.failures
     # All held-out sentences at once (batch 56), not one at a time as the packager ran them.
     assert embeddings.shape == reference.shape == (len(inputs["input_ids"]), 384)
-    assert np.abs(embeddings - reference).max() <= manifest.selftest.atol
-    assert cosine_rows(embeddings, reference).min() >= manifest.selftest.min_cosine
+    # The self-test bounds how far another CPU may compute this model (its reference is
+    # the bundled model's own outputs), not its distance to fp32: that is the gate's.
     assert cosine_rows(embeddings, reference).mean() >= 0.99
     if manifest.backend.providers[0] == "CPUExecutionProvider":
         # CPU profiles get int8: static QDQ is tried first and fails the gate on MiniLM.

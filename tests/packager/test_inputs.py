@@ -10,6 +10,7 @@ A numpy re-implementation, independent of edgepack, checks what the bundle compu
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -22,9 +23,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.cli import cli as runtime_cli
+from edge_runtime.errors import InputSignatureError
 from edge_runtime.eval_inputs import run_samples
 from edge_runtime.feeding import Feeder
-from edge_runtime.manifest import FeedingSpec
+from edge_runtime.manifest import FeedingSpec, Manifest
 from edge_runtime.runtime import Runtime
 from packager.build import BuildConfig, build_bundle
 from packager.data import load_dataset
@@ -143,9 +145,13 @@ def test_a_stateful_model_builds_and_runs_with_batch_axis_constant_and_state(
         recipe="int8-static-qdq-per-channel",
         max_degradation=0.2,
         measure=True,
+        # An arm64 profile: int8 of so tiny a model is slower than float on an x86 host,
+        # which the speed check refuses only where the host stands for the device.
+        profile=load_profile("raspberry-pi-4"),
     )
 
     result = build_bundle(settings)
+    assert result.manifest.quantization.attempts[-1].speed.representative is False
 
     manifest = result.manifest
     assert manifest.feeding == FeedingSpec(
@@ -158,7 +164,7 @@ def test_a_stateful_model_builds_and_runs_with_batch_axis_constant_and_state(
     with Runtime.open(result.bundle, keypair[1]) as runtime:
         report = runtime.selftest()
         assert report.passed, report.failures
-        assert report.vectors == 4  # the first four steps of the first sequence
+        assert report.vectors == 8  # the first eight feeds: steps in order, state carried
         # sr is left out: the runtime feeds the recorded constant
         first = runtime.run({"input": eval_inputs[0, :1], "state": np.zeros((2, 1, 3), np.float32)})
         assert first["stateN"].shape == (2, 1, 3)
@@ -313,7 +319,8 @@ def test_a_missing_second_eval_file_is_refused_before_any_work(model, keypair, t
         ),
         (
             {"input": np.zeros((4, 4), np.float32)},
-            r"with --state each sample is a sequence, so array 'input' needs \[samples, steps",
+            r"each sample is a sequence \(the model carries a state across steps\), so array "
+            r"'input' needs \[samples, steps, \.\.\.\]: 3 axes",
         ),
         ({"inputs": np.zeros((4, 6, 4), np.float32)}, r"missing \['input'\], unknown \['inputs'\]"),
         (
@@ -475,3 +482,58 @@ def test_silero_vad_builds_without_a_wrapper_graph(keypair, tmp_path):
     # the task-level check: the same speech decisions as the float model, chunk by chunk
     assert np.mean((probabilities > 0.5) == (expected > 0.5)) >= 0.95
     assert np.abs(probabilities - expected).max() <= 0.1
+
+
+def test_a_caller_may_still_give_a_constant_input_and_the_manifest_checks_its_names(
+    model, keypair, tmp_path, data
+):
+    bundle = build_bundle(config(model, keypair, tmp_path, data, recipe="fp32")).bundle
+    step = np.load(data["eval"])["input"][:1, 0]  # [1, 4]: the first step of one sample
+    state = np.zeros((2, 1, 3), np.float32)
+
+    with Runtime.open(bundle, keypair[1]) as runtime:
+        recorded = runtime.run({"input": step, "state": state})["output"]
+        given = runtime.run({"input": step, "state": state, "sr": np.array(16000)})["output"]
+        manifest = runtime.manifest
+
+    np.testing.assert_allclose(recorded[0], numpy_outputs(step[:, None], sr=8000)[0, 0], atol=1e-5)
+    np.testing.assert_allclose(given[0], numpy_outputs(step[:, None], sr=16000)[0, 0], atol=1e-5)
+    wrong = manifest.feeding.model_copy(update={"state": {"state": "hidden"}})
+    with pytest.raises(ValueError, match="feeding names output 'hidden'"):
+        Manifest.model_validate({**manifest.model_dump(), "feeding": wrong.model_dump()})
+
+
+def test_inspect_shows_how_the_model_is_fed(model, keypair, tmp_path, data):
+    from edge_runtime.summary import summary_text
+
+    manifest = build_bundle(config(model, keypair, tmp_path, data, recipe="fp32")).manifest
+
+    text = summary_text(manifest)
+
+    assert (
+        "feeding    sr = 8000 (constant); state: batch axis 1; state <- stateN (per step)" in text
+    )
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"audio": np.zeros((2, 6, 4), np.float32)}, r"the file lacks inputs \['input'\]"),
+        ({"input": np.zeros((2, 4), np.float32)}, r"array 'input' needs \[samples, steps"),
+        ({"input": np.zeros((2, 6, 5), np.float32)}, r"input 'input' has size 5 on axis 1"),
+    ],
+)
+def test_edge_runtime_run_refuses_a_file_that_does_not_fit_a_stateful_bundle(
+    model, keypair, tmp_path, data, arrays, match
+):
+    bundle = build_bundle(config(model, keypair, tmp_path, data, recipe="fp32")).bundle
+    bad = tmp_path / "bad-input.npz"
+    np.savez(bad, **arrays)
+
+    ran = CliRunner().invoke(
+        runtime_cli,
+        ["run", str(bundle), "--pubkey", str(keypair[1]), "--input", str(bad), "-o", "x.npz"],
+    )
+
+    assert isinstance(ran.exception, InputSignatureError)  # one line, exit code 1
+    assert re.search(match, str(ran.exception))

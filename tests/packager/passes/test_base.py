@@ -11,6 +11,7 @@ EXPECTED = {
     "OnnxValidate",
     "OnnxGraphOptimize",
     "OnnxOpsetUpgrade",
+    "OnnxMixedPrecisionQuantize",
     "OnnxDynamicQuantize",
     "OnnxStaticQuantize",
     "OnnxToFloat16",

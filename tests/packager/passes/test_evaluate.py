@@ -3,7 +3,6 @@ import pytest
 
 from packager.errors import PackagerError
 from packager.passes.evaluate import Evaluate
-from packager.passes.package import selftest_tolerance
 
 
 def evaluate(reference, candidate, labels=None, data=None, **config):
@@ -88,17 +87,3 @@ def test_a_metric_plugin_judges_the_whole_model():
 def test_a_task_that_fits_no_output_says_so():
     with pytest.raises(PackagerError, match="--task detection: no output looks like"):
         evaluate({"y": np.ones((2, 3))}, {"y": np.ones((2, 3))}, task="detection")
-
-
-def test_selftest_tolerance_is_twice_the_eval_error_with_a_scale_floor():
-    atol, min_cosine = selftest_tolerance(
-        {"max_abs_error": 0.0285, "cosine_min": 0.98, "reference_max_abs": 0.5}
-    )
-    assert atol == pytest.approx(0.057)
-    assert min_cosine == pytest.approx(0.96)
-
-    atol, min_cosine = selftest_tolerance(
-        {"max_abs_error": 0.0, "cosine_min": 1.0, "reference_max_abs": 20.0}
-    )
-    assert atol == pytest.approx(0.002)
-    assert min_cosine == pytest.approx(1 - 1e-5)

@@ -1,0 +1,197 @@
+"""Speed counts: a quantized candidate slower than fp32 on a host of the profile's
+instruction-set class is refused; elsewhere its speed is recorded as not representative.
+
+The model is a small MLP (16 MatMul + Relu layers, 32 wide): at that size dynamic int8's
+quantize/dequantize work costs more than the int8 MatMuls save, so on an x86 host it runs
+at about 0.7x the speed of fp32 (0.67-0.69x measured side by side here), far below the
+0.95 refusal line, so the test does not depend on noise.
+"""
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_runtime.manifest import SpeedCheck
+from packager.build import BuildConfig, build_bundle
+from packager.errors import GateError
+from packager.profiles import load_profile
+from packager.speed import (
+    SLOWER_THAN_FLOAT,
+    arch_class,
+    is_representative,
+    slower_reason,
+    time_side_by_side,
+)
+
+WIDTH, LAYERS = 32, 16
+
+x86_only = pytest.mark.skipif(
+    arch_class(platform.machine()) != "x86_64", reason="the refusal needs an x86-64 host"
+)
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory) -> tuple[Path, Path]:
+    """The MLP and an eval file (its calibration is not needed: dynamic int8)."""
+    folder = tmp_path_factory.mktemp("mlp")
+    rng = np.random.default_rng(0)
+    weights, nodes, current = [], [], "x"
+    for index in range(LAYERS):
+        weight = rng.normal(0, 1.4 / np.sqrt(WIDTH), (WIDTH, WIDTH)).astype(np.float32)
+        weights.append(numpy_helper.from_array(weight, f"w{index}"))
+        output = "y" if index == LAYERS - 1 else f"t{index}"
+        nodes += [
+            helper.make_node("MatMul", [current, f"w{index}"], [f"m{index}"], name=f"mm{index}"),
+            helper.make_node("Relu", [f"m{index}"], [output], name=f"relu{index}"),
+        ]
+        current = output
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "mlp.onnx"))
+    np.savez(folder / "eval.npz", x=rng.normal(0, 1, (24, WIDTH)).astype(np.float32))
+    return folder / "mlp.onnx", folder / "eval.npz"
+
+
+def _build(mlp, keypair, output: Path, profile, **options):
+    model, evaluation = mlp
+    config = BuildConfig(
+        model=model,
+        profile=profile,
+        key=keypair[0],
+        output=output,
+        eval=evaluation,
+        measure=options.pop("measure", True),
+        # The test is about speed: a threshold the int8 MLP clears with room (it scores
+        # about 0.005-0.015 on the cosine gate, depending on the draw).
+        max_degradation=0.05,
+        **options,
+    )
+    return build_bundle(config)
+
+
+@x86_only
+def test_slower_int8_is_refused_on_a_host_of_the_profiles_arch(mlp, keypair, tmp_path):
+    with pytest.raises(GateError) as error:
+        _build(
+            mlp,
+            keypair,
+            tmp_path / "x86.edgepkg",
+            load_profile("x86-64-avx2"),
+            recipe="int8-dynamic-per-channel",
+        )
+
+    [attempt] = error.value.attempts
+    assert attempt.status == "failed"
+    assert attempt.reason.startswith("slower than fp32 on this host (0.")
+    assert attempt.metrics["degradation"] <= 0.05  # the gate itself passed it
+    assert attempt.speed.representative
+    assert attempt.speed.ratio < SLOWER_THAN_FLOAT
+    assert attempt.speed.ratio == pytest.approx(
+        attempt.speed.reference_ms / attempt.speed.candidate_ms, rel=0.01
+    )
+
+
+@x86_only
+def test_the_chain_goes_on_to_fp32_when_int8_is_slower(mlp, keypair, tmp_path):
+    data = load_profile("x86-64-avx2").model_dump(mode="json")
+    data["onnx"]["recipes"] = ["int8-dynamic-per-channel", "fp32"]
+    profile_file = tmp_path / "x86-dynamic.yaml"
+    profile_file.write_text(yaml.safe_dump(data))
+
+    result = _build(mlp, keypair, tmp_path / "b.edgepkg", load_profile(path=profile_file))
+
+    dynamic, fp32 = result.manifest.quantization.attempts
+    assert dynamic.status == "failed" and "slower than fp32" in dynamic.reason
+    assert (fp32.status, fp32.speed) == ("passed", None)  # float is not timed against itself
+    assert result.manifest.quantization.chosen == "fp32"
+    assert result.manifest.model.precision == "fp32"
+
+
+@x86_only
+def test_an_arm_profile_built_on_x86_records_the_speed_as_not_representative(
+    mlp, keypair, tmp_path
+):
+    result = _build(
+        mlp,
+        keypair,
+        tmp_path / "pi4.edgepkg",
+        load_profile("raspberry-pi-4"),
+        recipe="int8-dynamic-per-channel",
+    )
+
+    [attempt] = result.manifest.quantization.attempts
+    assert attempt.status == "passed" and attempt.reason is None
+    assert attempt.speed.representative is False
+    assert attempt.speed.ratio < 1  # slower here, but this host says nothing about a Pi
+    assert result.manifest.quantization.chosen == "int8-dynamic-per-channel"
+
+
+def test_no_measure_builds_time_nothing(mlp, keypair, tmp_path):
+    result = _build(
+        mlp,
+        keypair,
+        tmp_path / "b.edgepkg",
+        load_profile("x86-64-avx2"),
+        recipe="int8-dynamic-per-channel",
+        measure=False,
+    )
+
+    [attempt] = result.manifest.quantization.attempts
+    assert (attempt.status, attempt.speed) == ("passed", None)
+
+
+@pytest.mark.parametrize(
+    "profile_arch, host, expected",
+    [
+        ("x86_64", "x86_64", True),
+        ("x86_64", "AMD64", True),
+        ("arm64", "aarch64", True),
+        ("arm64", "arm64", True),
+        ("arm64", "x86_64", False),
+        ("x86_64", "aarch64", False),
+    ],
+)
+def test_instruction_set_classes(profile_arch, host, expected):
+    assert is_representative(profile_arch, host) is expected
+
+
+def test_profile_arch_enum_is_understood():
+    assert is_representative(load_profile("raspberry-pi-4").arch, "aarch64")
+    assert not is_representative(load_profile("raspberry-pi-4").arch, "x86_64")
+
+
+@pytest.mark.parametrize(
+    "ratio, representative, refused",
+    [(0.8, True, True), (0.94, True, True), (0.96, True, False), (0.5, False, False)],
+)
+def test_the_refusal_line(ratio, representative, refused):
+    speed = SpeedCheck(
+        candidate_ms=1.0, reference_ms=ratio, ratio=ratio, representative=representative
+    )
+
+    reason = slower_reason(speed)
+
+    assert (reason is not None) is refused
+    if refused:
+        assert reason == f"slower than fp32 on this host ({ratio:.2g}x)"
+
+
+def test_side_by_side_timing_tells_the_faster_one():
+    reference_ms, candidate_ms = time_side_by_side(
+        lambda: time.sleep(0.004), lambda: time.sleep(0.001), min_pairs=5, budget_s=0.0
+    )
+
+    assert reference_ms > candidate_ms * 2

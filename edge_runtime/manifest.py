@@ -240,6 +240,11 @@ class SelfTestBound(StrictModel):
     kernel_spread: float = Field(
         0.0, ge=0, description="max |difference| between two kernel paths on the build host"
     )
+    alternate: bool = Field(
+        False,
+        description="the vectors also hold this output from the host's second kernel path "
+        "(alternate.NAME); a vector within the bound of either reference passes",
+    )
 
 
 class SelfTestSpec(StrictModel):

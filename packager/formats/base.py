@@ -191,9 +191,9 @@ class FormatPipeline:
     tool_distributions: tuple[str, ...]
     # Opens the model on this host for the evaluate pass: path -> object with ``run``.
     host_session: Callable[[Path], Any] | None = None
-    # Opens it through a second kernel path of the same engine (ONNX Runtime without graph
-    # fusions, LiteRT without XNNPACK): how far that moves the outputs widens the
-    # self-test bounds (packager/passes/selftest_vectors.py).
+    # Opens it through a second kernel path of the same engine (ONNX: exact integer sums;
+    # LiteRT without XNNPACK): outputs it moves beyond the margin are kept as the self-test's
+    # alternate reference (packager/passes/selftest_vectors.py).
     kernel_check: Callable[[Path], Any] | None = None
     # The model's inputs and outputs (TensorSpecs), read cheaply before any work, so the
     # build's per-input flags (--batch-axis, --constant, --state) are checked up front.

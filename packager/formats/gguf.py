@@ -25,7 +25,7 @@ from edge_runtime.manifest import (
     TokenSelfTestSpec,
 )
 
-from ..errors import DataError, FitError, ModelValidationError
+from ..errors import DataError, FitError, ModelValidationError, PackagerError
 from ..llm_eval import check_eval_text, read_eval_text, tokenize_text, windows
 from .base import (
     Chosen,
@@ -118,7 +118,29 @@ def _eval_text(settings) -> Path | None:
     return settings.eval[0] if settings.eval else None
 
 
+# Options of the tensor formats' gate and feeding, which a language model's perplexity
+# gate has no use for: given to a GGUF build, they are refused rather than ignored.
+TENSOR_ONLY_OPTIONS = (
+    "calibration",
+    "metric",
+    "metric_plugin",
+    "batch_axis",
+    "constant",
+    "state",
+    "selftest_vectors",
+)
+
+
 def _check_text(pipeline: FormatPipeline, settings) -> None:
+    given = [name for name in TENSOR_ONLY_OPTIONS if getattr(settings, name)]
+    if settings.task not in ("auto", "generic"):
+        given.insert(0, "task")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise PackagerError(
+            f"{flags}: ONNX and TFLite options; a GGUF build is gated on perplexity "
+            "(--max-ppl-increase, --eval TEXT.txt). Leave them out."
+        )
     check_eval_text(_eval_text(settings))
 
 

@@ -114,18 +114,23 @@ def host_session(
     )
 
 
-class _UnfusedSession:
-    """ONNX Runtime with every graph fusion off: a QDQ model runs as dequantize, float
-    op, quantize, so its integer sums are exact, as on ARM or with VNNI, where the fused
-    x86 AVX2 kernels saturate 16-bit pair sums. For the self-test bounds only."""
+class _ExactSession:
+    """The model with exact integer sums, as on ARM or with VNNI, where ONNX Runtime's
+    x86 AVX2 int8 kernels saturate 16-bit pair sums: graph fusions off (a QDQ model runs
+    as dequantize, float op, quantize) and MatMulInteger/ConvInteger in float
+    (``packager.onnx_exact``). For the self-test's alternate reference only."""
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
+        from ..onnx_exact import exact_integer_model
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            exact_integer_model(path).SerializeToString(),
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
         )
         self.names = [output.name for output in self.session.get_outputs()]
 
@@ -201,7 +206,7 @@ PIPELINE = tensor_format(
     backend_spec=backend_spec,
     tool_distributions=("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"),
     host_session=host_session,
-    kernel_check=_UnfusedSession,
+    kernel_check=_ExactSession,
     signature=signature,
     weight_counts=weight_counts,
     worker_loader="packager.formats.onnx:measure_loader",

@@ -88,7 +88,7 @@ def host_session(
 
 
 def reference_kernels(path: Path) -> TfliteSession:
-    """The model on LiteRT's built-in kernels, XNNPACK off (for the self-test bounds)."""
+    """The model on LiteRT's built-in kernels, XNNPACK off (the self-test's second path)."""
     from edge_runtime.backends.tflite import TfliteSession
 
     return TfliteSession(path, os.cpu_count() or 1, False)

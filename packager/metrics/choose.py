@@ -5,7 +5,8 @@
 1. integer or boolean values -> ``exact``;
 2. one value per sample, or per step ([samples, steps, 1]) -> ``relative-error`` (a
    cosine of one value is always 1);
-3. ``labels`` in the eval file and a [samples, classes] output -> ``top1``;
+3. ``labels`` in the eval file and a [samples, classes] output whose argmax matches at
+   least half of them on the float model -> ``top1``;
 4. up to ``FEW_VALUES`` values per sample -> ``relative-error``;
 5. [samples, tokens, features] with a mask input (a name holding "mask") ->
    ``cosine-tokens``;
@@ -33,6 +34,8 @@ from .values import GROUP_RATIO, find_mask, widest_gap_axis
 # At most this many values per sample read as separate quantities (a score, a box), not
 # as a vector whose direction a cosine could judge.
 FEW_VALUES = 4
+# A classifier's float model is right on at least this share of its own eval labels.
+LABELLED_ACCURACY = 0.5
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def auto_metric(output: str, reference: np.ndarray, data: Mapping[str, Any], lab
         return "exact"
     if per_sample == 1 or (reference.ndim > 2 and reference.shape[-1] == 1):
         return "relative-error"  # one value per sample (or per step of a stateful model)
-    if labels is not None and reference.ndim == 2:
+    if labels is not None and reference.ndim == 2 and _predicts_labels(reference, labels):
         return "top1"
     if per_sample <= FEW_VALUES:
         return "relative-error"
@@ -62,13 +65,25 @@ def auto_metric(output: str, reference: np.ndarray, data: Mapping[str, Any], lab
     return "cosine"
 
 
+def _predicts_labels(reference: np.ndarray, labels) -> bool:
+    """Whether a [samples, classes] output is what the ``labels`` grade: the float model's
+    argmax matches at least ``LABELLED_ACCURACY`` of them (an embedding beside the class
+    scores does not, and is left to the other rules)."""
+    labels = np.asarray(labels)
+    if labels.shape != reference.shape[:1] or labels.dtype.kind not in "iu":
+        return False
+    return float((reference.argmax(axis=1) == labels).mean()) >= LABELLED_ACCURACY
+
+
 def _class_scores(ref: np.ndarray) -> bool:
     return ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f"
 
 
 def _embedding(ref: np.ndarray) -> str | None:
     if ref.ndim == 3:
-        return "cosine-pooled"
+        # Per token, not pooled: a per-token output promises every real token's vector,
+        # and a pooled cosine can pass while single tokens drift (cosine-pooled by --metric).
+        return "cosine-tokens"
     if ref.ndim == 2 and ref.shape[1] > FEW_VALUES:
         return "cosine"
     return None

@@ -57,11 +57,33 @@ def _collapse(path: np.ndarray, blank: int) -> tuple[int, ...]:
     return tuple(int(step) for step in path[keep] if step != blank)
 
 
+def ctc_blank(expected: np.ndarray, mask: np.ndarray, classes: int, option: str, output: str):
+    """The CTC blank class, or None for a sequence read step by step. ``option``: "auto"
+    (class 0 or the last class, when it is the reference's choice on over half the real
+    steps, as a CTC blank is), "none", or the class number."""
+    if option == "none":
+        return None
+    if option != "auto":
+        try:
+            return int(option)
+        except ValueError:
+            raise PackagerError(
+                f"output {output!r}: sequence blank={option!r} must be auto, none or a class number"
+            ) from None
+    chosen = expected[mask]
+    if chosen.size == 0:
+        return None
+    counts = np.bincount(chosen, minlength=classes)
+    common = int(counts.argmax())
+    return common if common in (0, classes - 1) and counts[common] > chosen.size / 2 else None
+
+
 @register(
     "sequence",
-    "1 - per-step argmax agreement over the class axis (real steps only, with a mask); "
-    "whole-sequence agreement recorded (CTC-collapsed with blank=K)",
-    options={"axis": -1, "blank": -1, "mask": ""},
+    "per-step argmax over the class axis: with a CTC blank (found or given), 1 - the share "
+    "of sequences that read the same (collapsed); without, 1 - per-step agreement",
+    options={"axis": -1, "blank": "auto", "mask": ""},
+    threshold=0.05,
 )
 def sequence(reference, candidate, ctx: MetricContext):
     if reference.ndim < 3:
@@ -75,22 +97,25 @@ def sequence(reference, candidate, ctx: MetricContext):
     _, mask = find_mask(expected, ctx.data, ctx.options["mask"], ctx.output)
     if mask is None:
         mask = np.ones(expected.shape, dtype=bool)
-    same = (expected == predicted) | ~mask
     steps = int(mask.sum())
     step_agreement = float(((expected == predicted) & mask).sum() / steps) if steps else 1.0
-    blank = ctx.options["blank"]
-    if blank >= 0:
+    blank = ctc_blank(expected, mask, reference.shape[axis], ctx.options["blank"], ctx.output)
+    if blank is None:
+        whole = list(((expected == predicted) | ~mask).all(axis=1))
+    else:
         whole = [
             _collapse(e[m], blank) == _collapse(p[m], blank)
             for e, p, m in zip(expected, predicted, mask, strict=True)
         ]
-    else:
-        whole = list(same.all(axis=1))
-    return 1.0 - step_agreement, {
+    sequence_agreement = float(np.mean(whole)) if whole else 1.0
+    figures = {
         "step_agreement": step_agreement,
-        "sequence_agreement": float(np.mean(whole)) if whole else 1.0,
+        "sequence_agreement": sequence_agreement,
         "steps": float(steps),
+        "blank": -1.0 if blank is None else float(blank),
     }
+    # A CTC reading survives steps that shift at a character's edge: judge the readings.
+    return 1.0 - (step_agreement if blank is None else sequence_agreement), figures
 
 
 @register(

@@ -2,7 +2,8 @@
 
 The output holds, per anchor, a box (cx, cy, w, h) and one score per class (YOLOv8:
 [samples, 4 + classes, anchors]; or transposed, [samples, anchors, 4 + classes];
-YOLOv5-style outputs add an objectness column: ``objectness=1``). Both models' outputs
+YOLOv5-style outputs add an objectness column: ``objectness=1``; YOLO-seg rows go on
+with mask coefficients: ``classes=C`` counts only the first C scores). Both models' outputs
 are decoded the same way: anchors whose best class score reaches ``score_threshold``,
 class-aware non-maximum suppression at ``nms_iou``. The candidate's detections are then
 matched to the reference's (same class, IoU >= ``match_iou``, greedily by confidence).
@@ -78,12 +79,22 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) 
 
 
 def decode(
-    anchors: np.ndarray, score_threshold: float, nms_iou: float, objectness: bool, limit: int
+    anchors: np.ndarray,
+    score_threshold: float,
+    nms_iou: float,
+    objectness: bool,
+    limit: int,
+    classes: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sample's [anchors, 4 + C] rows -> (x1y1x2y2 boxes, classes, confidences)
-    after the score threshold and class-aware NMS, at most ``limit`` candidates."""
+    after the score threshold and class-aware NMS, at most ``limit`` candidates. With
+    ``classes`` > 0 only that many score columns count (YOLO-seg rows go on with mask
+    coefficients)."""
     rows = anchors.astype(np.float64)
-    scores = rows[:, 5:] * rows[:, 4:5] if objectness else rows[:, 4:]
+    first = 5 if objectness else 4
+    scores = rows[:, first : first + classes] if classes else rows[:, first:]
+    if objectness:
+        scores = scores * rows[:, 4:5]
     classes = scores.argmax(axis=1)
     confidence = scores.max(axis=1)
     chosen = np.flatnonzero(confidence >= score_threshold)
@@ -123,6 +134,7 @@ def matched_count(reference, candidate, match_iou: float) -> int:
         "match_iou": 0.5,
         "objectness": 0,
         "max_candidates": 1000,
+        "classes": 0,
     },
     threshold=0.05,
 )
@@ -146,6 +158,7 @@ def detection(reference, candidate, ctx: MetricContext):
         options["nms_iou"],
         bool(options["objectness"]),
         options["max_candidates"],
+        options["classes"],
     )
     found_ref = found_cand = matched = 0
     for ref_rows, cand_rows in zip(reference, candidate, strict=True):

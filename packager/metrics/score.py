@@ -19,6 +19,11 @@ from .values import cosine_rows
 
 PLUGIN_OUTPUT = "*"  # the plugin judges the model as a whole, not one output
 
+# What a figure reads when the candidate broke it (NaN, infinity, another shape): the
+# manifest's JSON holds finite numbers only.
+BROKEN_COSINE = 0.0
+BROKEN_ERROR = 1e30
+
 
 def sig(value: float) -> float:
     """6 significant digits: the manifest records figures, not float noise."""
@@ -26,7 +31,9 @@ def sig(value: float) -> float:
 
 
 def _row(output, metric, degradation, threshold, figures, eval_file) -> dict[str, Any]:
-    degradation = sig(min(1.0, max(0.0, float(degradation))))
+    degradation = float(degradation)
+    # A metric that could not say (NaN) has not shown the candidate is good.
+    degradation = sig(min(1.0, max(0.0, degradation)) if np.isfinite(degradation) else 1.0)
     return {
         "output": output,
         "metric": metric,
@@ -34,7 +41,10 @@ def _row(output, metric, degradation, threshold, figures, eval_file) -> dict[str
         "threshold": threshold,
         "passed": degradation <= threshold,
         "eval_file": eval_file,
-        "figures": {key: sig(value) for key, value in figures.items()},
+        "figures": {
+            key: sig(value) if np.isfinite(value) else BROKEN_ERROR
+            for key, value in figures.items()
+        },
     }
 
 
@@ -99,22 +109,34 @@ def summary_figures(
     reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
     """Whole-model figures kept beside the per-output scores, in each attempt's record
-    (the self-test's bounds no longer come from them: packager/passes/selftest_vectors.py)."""
-    cosines = np.concatenate(
-        [cosine_rows(np.asarray(candidate[n]), np.asarray(reference[n])) for n in reference]
-    )
-    errors = [
-        np.abs(np.asarray(candidate[n], dtype=np.float64) - np.asarray(reference[n], np.float64))
-        for n in reference
-    ]
+    (the self-test's bounds no longer come from them: packager/passes/selftest_vectors.py).
+    Outputs the candidate returned in another shape count as fully broken."""
+    cosines, max_errors, mean_errors = [], [], []
+    for name, ref in reference.items():
+        ref, cand = np.asarray(ref), np.asarray(candidate[name])
+        if cand.shape != ref.shape:
+            cosines.append(np.array([BROKEN_COSINE]))
+            max_errors.append(BROKEN_ERROR)
+            mean_errors.append(BROKEN_ERROR)
+            continue
+        cosines.append(cosine_rows(cand, ref))
+        error = np.abs(cand.astype(np.float64) - ref.astype(np.float64))
+        max_errors.append(float(error.max()) if error.size else 0.0)
+        mean_errors.append(float(error.mean()) if error.size else 0.0)
+    every = np.concatenate(cosines) if cosines else np.ones(1)
+    every = np.where(np.isfinite(every), every, BROKEN_COSINE)
     figures = {
-        "cosine_mean": float(cosines.mean()),
-        "cosine_min": float(cosines.min()),
-        "max_abs_error": float(max(err.max() for err in errors)),
-        "mean_abs_error": float(np.mean([err.mean() for err in errors])),
-        "reference_max_abs": float(max(np.abs(r).max() for r in reference.values())),
+        "cosine_mean": float(every.mean()),
+        "cosine_min": float(every.min()),
+        "max_abs_error": max(max_errors, default=0.0),
+        "mean_abs_error": float(np.mean(mean_errors)) if mean_errors else 0.0,
+        "reference_max_abs": float(
+            max((np.abs(np.asarray(r)).max() for r in reference.values() if np.size(r)), default=0)
+        ),
     }
-    return {key: sig(value) for key, value in figures.items()}
+    return {
+        key: sig(value if np.isfinite(value) else BROKEN_ERROR) for key, value in figures.items()
+    }
 
 
 def worst_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

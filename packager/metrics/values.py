@@ -238,15 +238,30 @@ def widest_gap_axis(reference: np.ndarray, ratio: float = GROUP_RATIO) -> int | 
     return best
 
 
+def declared_groups(split: str, size: int, output: str) -> list[np.ndarray]:
+    """Contiguous channel groups starting at the indices ``split`` lists ("4" or "4,10")."""
+    try:
+        starts = sorted({int(part) for part in split.split(";") if part.strip()})
+    except ValueError:
+        starts = [-1]
+    if not starts or starts[0] <= 0 or starts[-1] >= size:
+        raise PackagerError(
+            f"output {output!r}: channel-groups split={split!r} must list channels between 1 "
+            f"and {size - 1} where a new group starts, separated by ';' (e.g. split=4)"
+        )
+    bounds = [0, *starts, size]
+    return [np.arange(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
+
+
 @register(
     "channel-groups",
-    "channels of very different magnitudes (a 20x gap) scored apart, 1 - cosine per "
-    "group; the worst group counts",
-    options={"axis": 0, "ratio": GROUP_RATIO},
+    "channels of very different magnitudes (a 20x gap, or split=K;L declared) scored apart, "
+    "1 - cosine per group; the worst group counts",
+    options={"axis": 0, "ratio": GROUP_RATIO, "split": ""},
 )
 def channel_group_cosine(reference, candidate, ctx: MetricContext):
-    ratio = ctx.options["ratio"]
-    axis = ctx.options["axis"] or widest_gap_axis(reference, ratio)
+    ratio, split = ctx.options["ratio"], ctx.options["split"]
+    axis = ctx.options["axis"] or (1 if split else widest_gap_axis(reference, ratio))
     if axis is None:  # one magnitude everywhere: one group, a plain cosine
         degradation, figures = cosine(reference, candidate, ctx)
         return degradation, {**figures, "groups": 1.0}
@@ -255,10 +270,13 @@ def channel_group_cosine(reference, candidate, ctx: MetricContext):
             f"output {ctx.output!r} has {reference.ndim} axes; channel-groups axis must be "
             f"1..{reference.ndim - 1}"
         )
-    groups = channel_groups(channel_scales(reference, axis), ratio)
+    scales = channel_scales(reference, axis)
+    if split:
+        groups = declared_groups(split, reference.shape[axis], ctx.output)
+    else:
+        groups = channel_groups(scales, ratio)
     figures: dict[str, float] = {"groups": float(len(groups)), "axis": float(axis)}
     worst = 0.0
-    scales = channel_scales(reference, axis)
     for index, channels in enumerate(groups):
         ref = np.take(reference, channels, axis=axis)
         cand = np.take(candidate, channels, axis=axis)

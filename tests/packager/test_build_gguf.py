@@ -310,6 +310,30 @@ def test_unknown_quant_type_is_refused_before_any_work(
     assert "Q4_K_M" in str(error.value) and "Q8_0" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "options, flags",
+    [
+        ({"metric": {"logits": "top1"}}, "--metric"),
+        ({"metric_plugin": "mine:score"}, "--metric-plugin"),
+        ({"task": "detection", "constant": {"sr": "1"}}, "--task, --constant"),
+        ({"batch_axis": {"x": 1}, "state": {"s": "t"}}, "--batch-axis, --state"),
+        ({"selftest_vectors": 2}, "--selftest-vectors"),
+    ],
+)
+def test_tensor_only_options_are_refused_for_gguf(
+    smollm2_example, keypair, short_eval, tmp_path, no_engine, options, flags
+):
+    config = gguf_config(
+        smollm2_example.model, keypair[0], tmp_path / "b.edgepkg", short_eval, **options
+    )
+
+    with pytest.raises(PackagerError, match=rf"^{flags}: ONNX and TFLite options") as error:
+        build_bundle(config)
+
+    assert "--max-ppl-increase" in str(error.value)
+    assert not (tmp_path / "b.edgepkg").exists()
+
+
 def test_non_text_eval_file_is_refused(smollm2_example, keypair, tmp_path, no_engine):
     eval_npz = tmp_path / "eval.npz"
     eval_npz.write_bytes(b"PK\x03\x04")

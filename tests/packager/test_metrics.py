@@ -175,6 +175,8 @@ def test_top1_counts_agreement_and_the_accuracy_drop_with_labels():
         "accuracy_drop": 0.25,
     }
     assert auto_metric("logits", reference, {}, np.array([0, 1, 0, 0])) == "top1"
+    embedding = RNG.normal(size=(4, 16))  # beside the logits: not graded by the labels
+    assert auto_metric("embedding", embedding, {}, np.array([9, 9, 9, 9])) == "cosine"
 
 
 def test_top1_on_a_declared_axis():
@@ -190,22 +192,37 @@ def test_top1_on_a_declared_axis():
         score("top1", reference, candidate, axis=3)
 
 
-def test_sequence_counts_steps_and_whole_sequences():
+def test_sequence_reads_ctc_paths_collapsed_and_other_sequences_step_by_step():
     classes = np.eye(4)
-    paths = np.array([[1, 1, 0, 2], [3, 0, 0, 3], [2, 2, 2, 0]])
+    paths = np.array([[1, 1, 0, 2, 0, 0], [3, 0, 0, 3, 0, 0], [2, 2, 2, 0, 0, 0]])
     reference = classes[paths]
     changed = paths.copy()
     changed[0, 1] = 0  # "1 1 0 2" -> "1 0 0 2": the same CTC reading (blank 0)
     changed[1, 3] = 2  # "3 0 0 3" -> "3 0 0 2": another reading
     candidate = classes[changed]
 
-    degradation, figures = score("sequence", reference, candidate)
-    _, ctc = score("sequence", reference, candidate, blank=0)
+    ctc, figures = score("sequence", reference, candidate)  # blank 0 found: 10 of 18 steps
+    steps, raw = score("sequence", reference, candidate, blank="none")
 
-    assert degradation == pytest.approx(2 / 12)
-    assert figures["step_agreement"] == pytest.approx(10 / 12)
-    assert figures["sequence_agreement"] == pytest.approx(1 / 3)
-    assert ctc["sequence_agreement"] == pytest.approx(2 / 3)
+    assert figures["blank"] == 0.0
+    assert figures["step_agreement"] == pytest.approx(16 / 18)
+    assert ctc == pytest.approx(1 / 3) and figures["sequence_agreement"] == pytest.approx(2 / 3)
+    assert steps == pytest.approx(2 / 18) and raw["sequence_agreement"] == pytest.approx(1 / 3)
+    assert get_metric("sequence").threshold == 0.05
+    with pytest.raises(PackagerError, match="blank='x' must be auto, none or a class number"):
+        score("sequence", reference, candidate, blank="x")
+
+
+def test_a_tagger_without_a_dominant_class_is_judged_per_step():
+    paths = np.array([[1, 2, 3, 1], [2, 2, 1, 3]])
+    reference = np.eye(4)[paths]
+    candidate = reference.copy()
+    candidate[0, 0] = np.eye(4)[2]
+
+    degradation, figures = score("sequence", reference, candidate)
+
+    assert figures["blank"] == -1.0
+    assert degradation == pytest.approx(1 / 8)
 
 
 def test_dense_is_one_minus_the_iou_of_the_thresholded_maps():
@@ -281,6 +298,19 @@ def test_crushed_scores_fail_channel_groups_and_detection_though_the_whole_cosin
     assert detection == 1.0
 
 
+def test_channel_groups_can_be_declared():
+    reference = yolo_output()
+    crushed = int8_with_one_scale(reference)
+
+    degradation, figures = score("channel-groups", reference, crushed, split="4;5")
+
+    assert figures["groups"] == 3
+    assert [figures[f"group{i}_channels"] for i in range(3)] == [4, 1, 2]
+    assert degradation > 0.5
+    with pytest.raises(PackagerError, match="split='9' must list channels between 1 and 6"):
+        score("channel-groups", reference, crushed, split="9")
+
+
 def test_detection_keeps_a_faithful_candidate_in_either_layout():
     reference = yolo_output()
     candidate = reference + RNG.normal(scale=0.004, size=reference.shape).astype(np.float32)
@@ -319,6 +349,18 @@ def test_detection_refuses_to_judge_when_the_reference_finds_nothing():
     assert score("detection", quiet, quiet, score_threshold=0.01)[0] == 0.0
 
 
+def test_detection_counts_only_the_declared_classes_of_a_segmentation_head():
+    reference = yolo_output()
+    coefficients = RNG.normal(scale=3.0, size=(4, 5, reference.shape[2])).astype(np.float32)
+    with_masks = np.concatenate([reference, coefficients], axis=1)  # 4 + 3 classes + 5
+    candidate = with_masks.copy()
+    candidate[:, 7:] = -candidate[:, 7:]  # the mask coefficients change; the boxes do not
+
+    degradation, figures = score("detection", with_masks, candidate, classes=3)
+
+    assert degradation == 0.0 and figures["reference_detections"] == 24
+
+
 def test_nms_suppresses_overlaps_within_a_class_only():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], float)
     scores = np.array([0.9, 0.8, 0.7, 0.6])
@@ -346,6 +388,17 @@ def test_tasks_claim_the_outputs_that_fit_and_leave_the_rest_to_auto():
     assert given[0].threshold == 0.01  # an explicit --max-degradation wins
     with pytest.raises(PackagerError, match="--task classification: no output looks like class"):
         plan_outputs(reference, {}, None, task="classification", **kwargs)
+
+
+def test_the_embedding_task_judges_token_outputs_per_real_token():
+    reference = {"last_hidden_state": np.ones((2, 5, 8)), "pooled": np.ones((2, 8))}
+
+    plans = plan_outputs(
+        reference, {}, None, task="embedding", overrides={}, plugin=False,
+        max_degradation=0.01, threshold_given=False,
+    )  # fmt: skip
+
+    assert [p.spec.name for p in plans] == ["cosine-tokens", "cosine"]
 
 
 def test_metric_overrides_parse_with_options_and_their_own_threshold():
@@ -412,6 +465,25 @@ def test_a_nan_or_reshaped_candidate_is_fully_degraded():
         (1.0, {"nonfinite_values": 3.0}),
         (1.0, {"shape_mismatch": 1.0}),
     ]
+    summary = summary_figures(reference, candidate)  # finite, for the manifest's JSON
+    assert summary["max_abs_error"] == 1e30 and summary["cosine_min"] == 0.0
+
+
+def test_a_metric_that_cannot_say_fails_the_output(monkeypatch):
+    from packager.metrics import registry
+
+    monkeypatch.setitem(
+        registry.METRICS,
+        "unsure",
+        registry.Metric("unsure", lambda r, c, ctx: (float("nan"), {"x": float("inf")}), ""),
+    )
+    reference = {"y": np.ones((2, 3))}
+
+    (row,) = score_dataset(
+        [OutputPlan("y", MetricSpec("unsure"), 0.5)], reference, reference, {}, None
+    )
+
+    assert (row["degradation"], row["passed"], row["figures"]) == (1.0, False, {"x": 1e30})
 
 
 def test_the_verdict_is_the_worst_output_over_every_dataset():

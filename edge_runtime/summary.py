@@ -36,6 +36,7 @@ def summary_rows(manifest: Manifest, signed_by: str | None = None) -> list[tuple
         *_signature_rows(m),
         ("gate", _gate_text(m)),
         *_output_score_rows(m),
+        *_chosen_rows(m),
         (
             "memory",
             f"{m.memory.required_mb} MB ({m.memory.basis}) of {m.memory.budget_mb:.0f} MB",
@@ -170,6 +171,31 @@ def _output_score_rows(m: Manifest) -> list[tuple[str, str]]:
                 f"{score.threshold:g}{where}, {verdict}",
             )
         )
+    return rows
+
+
+def _chosen_rows(m: Manifest) -> list[tuple[str, str]]:
+    """The chosen attempt's speed against float on the build host, and the nodes a mixed
+    precision recipe kept in float."""
+    q = m.quantization
+    chosen = next((a for a in q.attempts if a.recipe == q.chosen and a.status == "passed"), None)
+    if chosen is None:
+        return []
+    rows = []
+    if chosen.speed is not None:
+        speed = chosen.speed
+        note = "" if speed.representative else ", host not representative of the target"
+        rows.append(
+            (
+                "speed",
+                f"{speed.ratio:.2f}x fp32 on the build host ({speed.candidate_ms:.3g} ms vs "
+                f"{speed.reference_ms:.3g} ms{note})",
+            )
+        )
+    if chosen.excluded_nodes:
+        names = chosen.excluded_nodes
+        shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+        rows.append(("kept float", f"{len(names)} nodes: {shown}"))
     return rows
 
 

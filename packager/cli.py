@@ -163,6 +163,7 @@ def attempts_table(attempts, chosen: str | None):
         "cosine mean",
         "max abs err",
         "top-1 agree",
+        "x fp32",
         "chosen",
     ):
         table.add_column(column)
@@ -173,9 +174,10 @@ def attempts_table(attempts, chosen: str | None):
             return format(metrics[key], spec) if key in metrics else "-"
 
         worst = worst_output(attempt.outputs)
-        # With per-output scores the worst output's columns say why; else the reason does.
+        # With per-output scores the worst output's columns say why; else the reason does
+        # (as for a candidate the gate passed but the speed check refused).
         status = attempt.status
-        if attempt.reason and not worst:
+        if attempt.reason and (not worst or worst.passed):
             status = f"{attempt.status}: {attempt.reason}"[:60]
         table.add_row(
             attempt.recipe,
@@ -188,9 +190,18 @@ def attempts_table(attempts, chosen: str | None):
             fmt("cosine_mean", ".5f"),
             fmt("max_abs_error", ".3g"),
             fmt("top1_agreement", ".2%"),
+            speed_cell(attempt.speed),
             "yes" if attempt.recipe == chosen else "",
         )
     return table
+
+
+def speed_cell(speed) -> str:
+    """The speed check's ratio (above 1: faster than fp32); '~' where this host does not
+    stand for the device (another instruction-set class)."""
+    if speed is None:
+        return "-"
+    return f"{speed.ratio:.2f}" + ("" if speed.representative else "~")
 
 
 def worst_output(scores):

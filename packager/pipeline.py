@@ -198,13 +198,18 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
 
     ctx.judge = judge
     try:
-        for recipe, passes in plan.chain:
+        for index, (recipe, passes) in enumerate(plan.chain):
             attempt, chosen, records = _try_recipe(
                 plan, settings, ctx, prepared, recipe, passes, before, judged
             )
             attempts.append(attempt)
-            if chosen is not None:
-                return attempts, chosen, records
+            if chosen is None:
+                continue
+            if attempt.excluded_nodes and attempt.speed is not None:
+                return _race_next(
+                    plan, settings, ctx, prepared, index, before, judged, attempts, chosen, records
+                )
+            return attempts, chosen, records
     finally:
         ctx.judge = None
     failed, fix = gate.refusal(limit)
@@ -214,6 +219,50 @@ def _try_chain(plan: Plan, settings: BuildConfig, ctx: PassContext, prepared: Mo
         + f". {fix}",
         attempts,
     )
+
+
+def _race_next(plan, settings, ctx, prepared, index, before, judged, attempts, chosen, records):
+    """A mixed-precision candidate (nodes kept in float) passed and was timed. Its float
+    islands and the QDQ pairs around them cost time, so the next recipe in the chain (on
+    the shipped CPU profiles, dynamic int8 of every weight) is tried too, and chosen
+    instead when it passes with the same precision and runs faster on this host; the
+    slower of the two is recorded as failed, with both speeds."""
+    if index + 1 >= len(plan.chain):
+        return attempts, chosen, records
+    recipe, passes = plan.chain[index + 1]
+    ctx.progress(f"{recipe.name}: tried too, in case it is faster than {chosen.recipe}")
+    rival, rival_chosen, rival_records = _try_recipe(
+        plan, settings, ctx, prepared, recipe, passes, before, judged
+    )
+    attempts.append(rival)
+    mixed = attempts[-2]
+    if (
+        rival_chosen is None
+        or rival_chosen.precision != chosen.precision
+        or rival.speed is None
+        or rival.speed.ratio <= mixed.speed.ratio
+    ):
+        if rival_chosen is not None:
+            attempts[-1] = _lost(rival, mixed)
+        return attempts, chosen, records
+    attempts[-2] = _lost(mixed, rival)
+    ctx.progress(
+        f"{rival.recipe}: chosen, {rival.speed.ratio:.2f}x fp32 against "
+        f"{mixed.speed.ratio:.2f}x for {mixed.recipe}"
+    )
+    return attempts, rival_chosen, rival_records
+
+
+def _lost(loser: Attempt, winner: Attempt) -> Attempt:
+    """``loser`` passed the gate but ``winner`` was chosen over it (on speed or precision)."""
+    if winner.speed is None or loser.speed is None:
+        reason = f"passed, but {winner.recipe} came first"
+    else:
+        reason = (
+            f"slower than {winner.recipe} on this host ({loser.speed.ratio:.2g}x fp32 "
+            f"against {winner.speed.ratio:.2g}x)"
+        )
+    return loser.model_copy(update={"status": "failed", "reason": reason})
 
 
 def _try_recipe(
@@ -289,8 +338,13 @@ def _try_recipe(
 def _times_candidates(plan: Plan, settings: BuildConfig, ctx: PassContext) -> bool:
     """Whether quantized candidates are timed against float: the format opens models on
     this host, and the build measures (``--no-measure`` builds time nothing, so that two
-    of them give the same bytes)."""
-    return settings.measure and plan.pipeline.host_session is not None and bool(ctx.evaluation)
+    of them give the same bytes) with the speed check on (``--no-speed-check``)."""
+    return (
+        settings.measure
+        and settings.speed_check
+        and plan.pipeline.host_session is not None
+        and bool(ctx.evaluation)
+    )
 
 
 def _speed_check(

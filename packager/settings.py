@@ -96,6 +96,12 @@ class BuildConfig(BaseModel):
         True,
         description="Measure latency and memory on this host (--no-measure: reproducible bytes).",
     )
+    speed_check: bool = Field(
+        True,
+        description="Time each quantized candidate that passes the gate against fp32 on this "
+        "host, and refuse it when slower on a host of the profile's arch (docs/quantization.md, "
+        "speed check). Off with --no-measure too.",
+    )
     task: Literal[
         "auto",
         "classification",

@@ -3,7 +3,8 @@
 # packaged for three device profiles, then verified, self-tested and run offline; then a
 # language model (SmolLM2, GGUF) is quantized for a Raspberry Pi 5 under a perplexity gate and
 # generates text; a TFLite model (the digits CNN, converted by litert-torch) is quantized to
-# int8 by ai-edge-quantizer for a Raspberry Pi 4; then a small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
+# int8 by ai-edge-quantizer for a Raspberry Pi 4; a third-party stateful model (Silero VAD, from
+# PyPI) is described by build options and gated per output; then a small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 ensure_venv packager,examples,llm,tflite,telemetry,collector-broker
@@ -80,6 +81,62 @@ echo "        ~/.cache/edgepack, about 90 s the first time), int8 by ai-edge-qua
 # is fed one sample at a time
 "$RUNTIME" run "$OUT/digits-tflite-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
     --input "$OUT/model/digits-eval.npz" --output "$OUT/digits-logits.npz"
+
+echo
+echo "==> 6d. a third-party stateful model from PyPI: the Silero voice-activity detector"
+echo "        (wheel silero-vad), described by build options instead of a wrapper graph:"
+echo "        its state holds the batch on axis 1, the sample rate is a constant, and the"
+echo "        state is carried chunk to chunk; the gate scores each output with its own metric"
+VAD="$OUT/model/silero-vad"
+mkdir -p "$VAD"
+[ -f "$VAD/silero_vad_16k_op15.onnx" ] || {
+    "$VENV/bin/python" -m pip download --quiet --no-deps "silero-vad==6.2.3" -d "$VAD"
+    "$VENV/bin/python" -m zipfile -e "$VAD"/silero_vad-6.2.3-*.whl "$VAD/wheel"
+    cp "$VAD/wheel/silero_vad/data/silero_vad_16k_op15.onnx" "$VAD/"
+}
+"$VENV/bin/python" - "$VAD" <<'PY'
+# Voiced sound (a glottal pulse train through two formant resonators, pitch gliding) between
+# stretches of faint noise, cut into the model's chunks: 512 new samples after 64 old ones.
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import lfilter
+
+rng = np.random.default_rng(0)
+rate, chunks = 16000, 25
+
+
+def clip() -> np.ndarray:
+    audio = rng.normal(0, 0.003, 64 + 512 * chunks)
+    start = int(rng.integers(64, 64 + 512 * 8))
+    length = int(rng.integers(512 * 8, 512 * 14))
+    pitch = rng.uniform(100, 220) * (1 + 0.2 * np.sin(np.linspace(0, 3, length)))
+    pulses = (np.diff(np.floor(np.cumsum(pitch / rate)), prepend=0) > 0).astype(float)
+    voiced = pulses
+    for formant in (rng.uniform(500, 800), rng.uniform(1000, 1800)):
+        radius, angle = 0.97, 2 * np.pi * formant / rate
+        voiced = lfilter([1.0], [1, -2 * radius * np.cos(angle), radius**2], voiced)
+    audio[start : start + length] += 0.3 * voiced / np.abs(voiced).max()
+    return np.stack([audio[i * 512 : i * 512 + 576] for i in range(chunks)])
+
+
+folder = Path(sys.argv[1])
+for name, count in (("calibration", 8), ("eval", 8)):
+    np.savez(folder / f"vad-{name}.npz", input=np.stack([clip() for _ in range(count)]).astype(np.float32))
+PY
+"$EDGEPACK" build "$VAD/silero_vad_16k_op15.onnx" --profile raspberry-pi-4 \
+    --key "$OUT/keys/edgepack.key" -o "$OUT/vad-raspberry-pi-4.edgepkg" \
+    --calibration "$VAD/vad-calibration.npz" --eval "$VAD/vad-eval.npz" \
+    --batch-axis state=1 --constant sr=16000 --state state=stateN
+"$RUNTIME" info "$OUT/vad-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub"
+"$RUNTIME" run "$OUT/vad-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
+    --input "$VAD/vad-eval.npz" --output "$OUT/vad-probs.npz"
+"$VENV/bin/python" -c "
+import numpy as np
+p = np.load('$OUT/vad-probs.npz')['output'][0, :, 0]
+print('speech probability per 32 ms chunk, first eval clip:')
+print(' '.join('#' if v > 0.5 else '.' for v in p))"
 
 echo
 echo "==> 7. a simulated fleet: collector with an embedded MQTT broker, three agents"

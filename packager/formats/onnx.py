@@ -16,6 +16,18 @@ from .tensors import tensor_bench, tensor_format
 if TYPE_CHECKING:  # the engine loads when a session is made, not with the profiles
     from edge_runtime.backends.onnx import OnnxSession
 
+
+def _judged_before_mixed(settings, profile) -> bool:
+    """Whether the chain runs int8-static-qdq-per-channel (the same whole-graph
+    quantization) before int8-static-mixed, so the mixed search need not judge it again."""
+    if settings.recipe is not None:  # one recipe forced: nothing ran before it
+        return False
+    chain = list(profile.onnx.recipes)
+    if "int8-static-mixed" not in chain:
+        return False
+    return "int8-static-qdq-per-channel" in chain[: chain.index("int8-static-mixed")]
+
+
 RECIPES = recipes_by_name(
     Recipe(
         "int8-static-qdq-per-channel",
@@ -40,7 +52,15 @@ RECIPES = recipes_by_name(
     Recipe(
         "int8-static-mixed",
         "int8 QDQ with the nodes that break the gate kept in float, found automatically",
-        (Step("OnnxMixedPrecisionQuantize", {"per_channel": True}),),
+        (
+            Step(
+                "OnnxMixedPrecisionQuantize",
+                {"per_channel": True},
+                options=lambda settings, profile: {
+                    "whole_graph_first": not _judged_before_mixed(settings, profile)
+                },
+            ),
+        ),
         needs_calibration=True,
     ),
     Recipe(

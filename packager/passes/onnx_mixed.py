@@ -8,15 +8,18 @@ tensors with outliers quantize badly. Intel Neural Compressor and Olive get int8
 models by keeping those nodes in float. This pass does the same, judged by the build's
 own gate (``PassContext.judge``):
 
-1. the whole graph in int8; if the gate passes it, that is the model;
+1. the whole graph in int8; if the gate passes it, that is the model (skipped when the
+   chain has just judged that same quantization: ``whole_graph_first``);
 2. heuristics from the float model's activation ranges on the calibration data: the nodes
    fed by huge constants, the tensors downstream of them whose range stays huge, and
    final Concat heads whose inputs' ranges differ by ``range_ratio`` or more;
 3. a sensitivity search: the float and QDQ models run side by side on calibration samples
-   with every intermediate tensor as an output (ONNX Runtime's ``qdq_loss_debug``
-   augmentation), each tensor's signal-to-quantization-noise ratio against float is
-   measured, and the tensors where it drops most (the noise the producing node adds) are
-   kept in float, in growing batches, until the gate passes or a limit is reached.
+   with every intermediate tensor as an output (``packager.onnx_activations``, after
+   ONNX Runtime's ``qdq_loss_debug``), each tensor's signal-to-quantization-noise ratio
+   against float is measured (per channel too), and the tensors where the noise rises
+   most (the noise the producing node adds) are kept in float, with the tensors an
+   outlier range rides on to, in growing batches, until the gate passes or a limit is
+   reached.
 
 Keeping a tensor in float means excluding its producer and all its consumers from
 quantization (``nodes_to_exclude``): excluding only the producer would still put a QDQ
@@ -35,7 +38,7 @@ from pydantic import Field
 from ..errors import DataError
 from ..onnx_activations import SQNR_CAP_DB, measure_activations
 from .base import ModelArtifact, Pass, PassContext, PassOutput
-from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq
+from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq, shared_calibration_cache
 
 # Ops that only move or reshape data: a head's Concat reaches the graph output through
 # these, and excluding the Concat must exclude them too (each would requantize the tensor).
@@ -58,7 +61,7 @@ DATA_MOVEMENT_OPS = frozenset(
 
 class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
     max_excluded_nodes: int = Field(
-        64, ge=1, description="nodes kept in float at most (heuristics and search together)"
+        128, ge=1, description="nodes kept in float at most (heuristics and search together)"
     )
     max_excluded_fraction: float = Field(
         0.5,
@@ -68,7 +71,7 @@ class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
         "float gains little from int8",
     )
     search_steps: int = Field(
-        4, ge=0, description="sensitivity-search rounds (quantize and judge) at most"
+        6, ge=0, description="sensitivity-search rounds (quantize and judge) at most"
     )
     first_batch: int = Field(
         2, ge=1, description="tensors kept in float in the first search round; doubled each round"
@@ -83,6 +86,11 @@ class OnnxMixedPrecisionQuantizeConfig(OnnxStaticQuantizeConfig):
         gt=0,
         description="a constant with a value this large (or infinite) marks an attention-mask "
         "style addition; its node and the tensors downstream with ranges this large stay float",
+    )
+    whole_graph_first: bool = Field(
+        True,
+        description="judge the whole graph in int8 first; off when the chain has just "
+        "judged that same quantization (int8-static-qdq-per-channel)",
     )
     outlier_share: float = Field(
         0.5,
@@ -325,11 +333,14 @@ class OnnxMixedPrecisionQuantize(Pass):
         limit = max(
             1, min(config.max_excluded_nodes, int(len(graph.names) * config.max_excluded_fraction))
         )
-        search = _Search(self, ctx, source, out_dir, judge)
+        search = _Search(self, ctx, source, out_dir, judge, model.path)
 
-        verdict = search.try_nodes(set(), "whole graph in int8")
-        if verdict.passed:
-            return search.result()
+        if config.whole_graph_first:
+            verdict = search.try_nodes(set(), "whole graph in int8")
+            if verdict.passed:
+                return search.result()
+        else:
+            ctx.progress("mixed precision: the whole graph in int8 was judged by the recipe before")
 
         # Fed as the build feeds the model (batch axes, constants, carried state).
         samples = ctx.calibration_feeds(config.debug_samples)
@@ -354,7 +365,7 @@ class OnnxMixedPrecisionQuantize(Pass):
         batch = config.first_batch
         for step in range(1, config.search_steps + 1):
             errors = measure_activations(
-                source, search.best_path_for(exclusion.nodes), samples, work
+                source, search.quantize(exclusion.nodes), samples, work
             ).sqnr
             added = 0
             for tensor, _drop in rank_tensors(graph, errors):
@@ -374,6 +385,8 @@ class OnnxMixedPrecisionQuantize(Pass):
             if verdict.passed:
                 break
             batch *= 2
+        if not search.verdicts:  # nothing to keep in float was found: the whole graph
+            search.try_nodes(set(), "whole graph in int8")
         return search.result()
 
 
@@ -389,7 +402,15 @@ class _Search:
     """The candidates tried so far; the result is the first that passed, else the one
     with the lowest degradation."""
 
-    def __init__(self, owner: OnnxMixedPrecisionQuantize, ctx, source: Path, out_dir: Path, judge):
+    def __init__(
+        self,
+        owner: OnnxMixedPrecisionQuantize,
+        ctx,
+        source: Path,
+        out_dir: Path,
+        judge,
+        source_of_ranges: Path,
+    ):
         self.owner, self.ctx, self.source, self.out_dir, self.judge = (
             owner,
             ctx,
@@ -398,17 +419,28 @@ class _Search:
             judge,
         )
         self.verdicts: list[_Verdict] = []
+        self.files: dict[frozenset[str], Path] = {}
+        # The ranges int8-static-qdq-per-channel computed for this model, if it ran.
+        self.calibration_cache = shared_calibration_cache(ctx, source_of_ranges, owner.config)
+
+    def quantize(self, nodes: set[str]) -> Path:
+        """A QDQ candidate with ``nodes`` in float (the calibration ranges computed once)."""
+        key = frozenset(nodes)
+        if key not in self.files:
+            path = self.out_dir / f"candidate-{len(self.files)}.onnx"
+            quantize_qdq(
+                self.source,
+                path,
+                self.owner.config,
+                self.ctx,
+                sorted(nodes),
+                calibration_cache=self.calibration_cache,
+            )
+            self.files[key] = path
+        return self.files[key]
 
     def try_nodes(self, nodes: set[str], what: str) -> _Verdict:
-        path = self.out_dir / f"candidate-{len(self.verdicts)}.onnx"
-        quantize_qdq(
-            self.source,
-            path,
-            self.owner.config,
-            self.ctx,
-            sorted(nodes),
-            calibration_cache=self.out_dir / "calibration-ranges.json",
-        )
+        path = self.quantize(nodes)
         figures = self.judge(ModelArtifact(path, "onnx", "int8"))
         verdict = _Verdict(
             path, frozenset(nodes), bool(figures["passed"]), float(figures["degradation"])
@@ -420,12 +452,6 @@ class _Search:
         )
         return verdict
 
-    def best_path_for(self, nodes: set[str]) -> Path:
-        for verdict in reversed(self.verdicts):
-            if verdict.nodes == nodes:
-                return verdict.path
-        return self.verdicts[-1].path
-
     def result(self) -> PassOutput:
         passed = [v for v in self.verdicts if v.passed]
         best = passed[0] if passed else min(self.verdicts, key=lambda v: v.degradation)
@@ -434,7 +460,9 @@ class _Search:
             {
                 "excluded_nodes": sorted(best.nodes),
                 "candidates_tried": len(self.verdicts),
-                "whole_graph_degradation": self.verdicts[0].degradation,
+                "whole_graph_degradation": next(
+                    (v.degradation for v in self.verdicts if not v.nodes), None
+                ),
             },
         )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import math
 import re
@@ -94,8 +96,19 @@ class OnnxStaticQuantize(Pass):
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:
         output = out_dir / "model.onnx"
-        quantize_qdq(model.path, output, self.config, ctx)
+        cache = shared_calibration_cache(ctx, model.path, self.config)
+        quantize_qdq(model.path, output, self.config, ctx, calibration_cache=cache)
         return PassOutput(ModelArtifact(output, "onnx", "int8"))
+
+
+def shared_calibration_cache(ctx: PassContext, model: Path, config) -> Path:
+    """Where the activation ranges of ``model`` under ``config``'s method and sample count
+    are kept for this build: recipes that quantize the same prepared model (static,
+    mixed) calibrate it once. The ranges are by tensor name, so a copy of the model with
+    its nodes renamed shares them."""
+    key = hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:12]
+    name = f"calibration-{key}-{config.calibrate_method}-{config.max_samples}.json"
+    return ctx.workdir / name
 
 
 def quantize_qdq(
@@ -125,40 +138,43 @@ def quantize_qdq(
 
     if ctx.calibration is None:
         raise DataError("static quantization needs --calibration FILE.npz")
-    # Every --calibration file, fed as the model is (batch axes, constants, state).
-    feeds = ctx.calibration_feeds(config.max_samples)
-    count = len(feeds)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.index = 0
-
-        def get_next(self):
-            if self.index >= count:
-                return None
-            self.index += 1
-            return feeds[self.index - 1]
-
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
     cache = {}
-    if calibration_cache is not None:
-        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
-            cache = {"calibration_cache_path": str(calibration_cache)}
-        if calibration_cache.is_file() and cache:
-            ctx.progress(f"calibration ranges from the first run ({config.calibrate_method})")
-        else:
-            ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
+    if calibration_cache is not None and (
+        "calibration_cache_path" in inspect.signature(quantize_static).parameters
+    ):
+        cache = {"calibration_cache_path": str(calibration_cache)}
+    reader = None
+    if cache and calibration_cache.is_file():
+        ctx.progress(f"calibration: the {config.calibrate_method} ranges of the first run")
     else:
-        ctx.progress(f"calibrating on {count} samples ({config.calibrate_method})")
-    with _quiet_root_logger():
+        # Every --calibration file, fed as the model is (batch axes, constants, state).
+        feeds = ctx.calibration_feeds(config.max_samples)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.index = 0
+
+            def get_next(self):
+                if self.index >= len(feeds):
+                    return None
+                self.index += 1
+                return feeds[self.index - 1]
+
+        reader = Reader()
+        ctx.progress(f"calibrating on {len(feeds)} samples ({config.calibrate_method})")
+    printed = io.StringIO()
+    # The histogram calibrators (percentile, entropy) print their progress on stdout,
+    # which belongs to the CLI (--json); what they say is summed up in one progress line.
+    with _quiet_root_logger(), contextlib.redirect_stdout(printed):
         quantize_static(
             str(source),
             str(output),
-            Reader(),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=config.per_channel,
             activation_type=_quant_type(config.activation_type),
@@ -168,6 +184,25 @@ def quantize_qdq(
             extra_options=_default_tensor_type(),
             **cache,
         )
+    summary = _calibrator_summary(printed.getvalue())
+    if summary:
+        ctx.progress(summary)
+
+
+def _calibrator_summary(printed: str) -> str | None:
+    """e.g. "calibration: entropy thresholds for 205 tensors (2048 histogram bins)", from
+    ONNX Runtime's histogram calibrator output."""
+    method = re.search(r"using '(\w+)' algorithm", printed)
+    tensors = re.search(r"Number of tensors\s*:\s*(\d+)", printed)
+    bins = re.search(r"Number of histogram bins\s*:\s*(\d+)", printed)
+    if not method:
+        return None
+    line = f"calibration: {method[1]} thresholds"
+    if tensors:
+        line += f" for {tensors[1]} tensors"
+    if bins:
+        line += f" ({bins[1]} histogram bins)"
+    return line
 
 
 class OnnxToFloat16Config(PassConfig):

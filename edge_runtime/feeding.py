@@ -64,14 +64,6 @@ class Feeder:
         }
         self.output_batch_axes.update(self.spec.output_batch_axes)
 
-    def without_state(self) -> Feeder:
-        """The same feeding with the state as an ordinary input: for feeds stored one step
-        per row (self-test vectors), each row holding its own state."""
-        spec = self.spec.model_copy(
-            update={"state": {}, "output_batch_axes": dict(self.output_batch_axes)}
-        )
-        return Feeder(self.inputs, self.outputs, spec)
-
     @property
     def plain(self) -> bool:
         """Samples are fed on axis 0 with nothing added: no constant, axis or state."""

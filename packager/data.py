@@ -13,7 +13,6 @@ import io
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -130,28 +129,6 @@ class DataSet:
         model's with its steps on axis 1)."""
         return self.feeder.collect(run, self.arrays)
 
-    def with_arrays(self, arrays: dict[str, np.ndarray], labels=None) -> DataSet:
-        """Other arrays (e.g. a subset of the samples) fed the same way."""
-        return DataSet(self.path, arrays, labels, self.feeder)
-
-    def steps_as_samples(self, run: Run, limit: int | None = None) -> DataSet:
-        """The first ``limit`` feeds as samples of their own, stored samples first (batch
-        axes moved to 0, constants left out): a stateful model's first steps, each with
-        the state ``run`` carried to it (e.g. the float model's), so that every row runs
-        alone, as a self-test vector does. Other sets: their first ``limit`` samples."""
-        feeder = self.feeder
-        if not feeder.sequential:
-            arrays = {name: value[:limit] for name, value in self.arrays.items()}
-            labels = None if self.labels is None else self.labels[:limit]
-            return self.with_arrays(arrays, labels)
-        rows: dict[str, list[np.ndarray]] = {}
-        for _, feed, _ in islice(feeder.run(run, self.arrays), limit):
-            for name, value in feed.items():
-                if name not in feeder.constants:
-                    rows.setdefault(name, []).append(feeder.input_row(name, value))
-        arrays = {name: np.concatenate(values) for name, values in rows.items()}
-        return DataSet(self.path, arrays, None, feeder.without_state())
-
 
 def plain_dataset(arrays: dict[str, np.ndarray], labels=None, path: Path | None = None) -> DataSet:
     """Arrays fed as they are, sample by sample on axis 0 (no axes, constants or state)."""
@@ -219,20 +196,6 @@ def calibration_feeds(
 def sample(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
     """One sample as a batch of one."""
     return {name: value[index : index + 1] for name, value in arrays.items()}
-
-
-def sample_count(arrays: dict[str, np.ndarray]) -> int:
-    return len(next(iter(arrays.values())))
-
-
-def check_data(specs, arrays: dict[str, np.ndarray], path: Path) -> None:
-    """Refuse data whose dtype or fixed sizes cannot feed the model, before any work."""
-    try:
-        check_inputs(specs, sample(arrays, 0))
-    except InputSignatureError as exc:
-        raise DataError(
-            f"{path}: {exc} (the model takes one sample per call on its first axis)"
-        ) from None
 
 
 def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:

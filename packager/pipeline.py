@@ -156,7 +156,6 @@ def _run(plan: Plan, settings: BuildConfig, ctx: PassContext) -> Manifest:
         opset=facts.get("opset"),
         signature=facts.get("signature"),
         recipe=chosen.recipe,
-        chosen_metrics=chosen.metrics,
         quantization=QuantizationRecord(
             chosen=chosen.recipe,
             gate_metric=gate.metric(ctx.task),

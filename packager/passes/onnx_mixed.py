@@ -38,7 +38,12 @@ from pydantic import Field
 from ..errors import DataError
 from ..onnx_activations import SQNR_CAP_DB, measure_activations
 from .base import ModelArtifact, Pass, PassContext, PassOutput
-from .onnx_quantize import OnnxStaticQuantizeConfig, quantize_qdq, shared_calibration_cache
+from .onnx_quantize import (
+    QDQ_PROVIDERS,
+    OnnxStaticQuantizeConfig,
+    quantize_qdq,
+    shared_calibration_cache,
+)
 
 # Ops that only move or reshape data: a head's Concat reaches the graph output through
 # these, and excluding the Concat must exclude them too (each would requantize the tensor).
@@ -318,9 +323,7 @@ class OnnxMixedPrecisionQuantize(Pass):
 
     name = "OnnxMixedPrecisionQuantize"
     Config = OnnxMixedPrecisionQuantizeConfig
-    supported_providers = frozenset(
-        {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
-    )
+    supported_providers = QDQ_PROVIDERS  # the same QDQ form as static int8
     needs_calibration = True
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:

@@ -45,6 +45,12 @@ def _default_tensor_type() -> dict:
     return {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
 
+# QDQ is the int8 form TensorRT and the CPU EP both consume.
+QDQ_PROVIDERS = frozenset(
+    {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+)
+
+
 class OnnxDynamicQuantizeConfig(PassConfig):
     per_channel: bool = Field(True, description="one scale per output channel of each weight")
     weight_type: Literal["qint8", "quint8"] = Field("qint8", description="int8 weight type")
@@ -88,10 +94,7 @@ class OnnxStaticQuantize(Pass):
 
     name = "OnnxStaticQuantize"
     Config = OnnxStaticQuantizeConfig
-    # QDQ is the int8 form TensorRT and the CPU EP both consume.
-    supported_providers = frozenset(
-        {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
-    )
+    supported_providers = QDQ_PROVIDERS
     needs_calibration = True
 
     def _run(self, model: ModelArtifact, out_dir: Path, ctx: PassContext) -> PassOutput:

@@ -54,7 +54,6 @@ class PackageRequest:
     outputs: list[TensorSpec]
     opset: int | None
     recipe: str
-    chosen_metrics: dict[str, float]
     quantization: QuantizationRecord
     memory: MemoryFit
     measurements: Measurements | None

@@ -9,6 +9,7 @@ from .onnx_opset import OnnxOpsetUpgrade
 from .onnx_optimize import OnnxGraphOptimize
 from .onnx_quantize import OnnxDynamicQuantize, OnnxStaticQuantize, OnnxToFloat16
 from .onnx_validate import OnnxValidate
+from .onnx_weights import OnnxFloat16Weights, OnnxInt8Weights
 from .package import Package
 from .tflite import TfliteQuantize, TfliteValidate
 
@@ -22,7 +23,9 @@ __all__ = [
     "Measure",
     "ModelArtifact",
     "OnnxDynamicQuantize",
+    "OnnxFloat16Weights",
     "OnnxGraphOptimize",
+    "OnnxInt8Weights",
     "OnnxMixedPrecisionQuantize",
     "OnnxOpsetUpgrade",
     "OnnxStaticQuantize",

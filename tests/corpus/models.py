@@ -383,7 +383,14 @@ CORPUS: tuple[CorpusModel, ...] = (
         _vad_data,
         _vad_check,
         _vad_sanity,
-        {"batch_axis": {"state": 1}, "constant": {"sr": "16000"}, "state": {"state": "stateN"}},
+        # output is the speech probability; what counts is the decision at silero's own
+        # threshold, 0.5 (the chunks flipped), not its exact value
+        {
+            "batch_axis": {"state": 1},
+            "constant": {"sr": "16000"},
+            "state": {"state": "stateN"},
+            "metric": {"output": "dense:threshold=0.5,max=0.05"},
+        },
         batch_axes={"state": 1},
         fixed={"sr": np.array(VAD_RATE, dtype=np.int64)},
     ),

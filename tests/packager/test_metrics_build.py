@@ -8,6 +8,7 @@ is), and ``quality`` [batch, 1] is one probability per sample.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,8 @@ def test_auto_scores_each_output_and_refuses_the_crushed_scores(detector, keypai
     result = build_bundle(config(detector, keypair[0], bundle), lines.append)
 
     attempts = {attempt.recipe: attempt for attempt in result.manifest.quantization.attempts}
-    static, dynamic = attempts[STATIC], attempts["int8-dynamic-per-channel"]
-    fp32 = attempts["fp32"]
+    static = attempts[STATIC]
+    chosen = attempts[result.manifest.quantization.chosen]
     assert static.status == "failed"
     assert static.reason.startswith("degradation ")
     assert static.reason.endswith("on output 'detections' (channel-groups)")
@@ -139,29 +140,34 @@ def test_auto_scores_each_output_and_refuses_the_crushed_scores(detector, keypai
     crushed = static.outputs[0].figures
     assert crushed["group0_cosine_mean"] > 0.999 > 0.5 > crushed["group1_cosine_mean"]
     assert static.metrics["degradation"] == static.outputs[0].degradation
-    # int8 also moves the one-value quality output by a seventh of its range or more,
-    # which a cosine (always 1 for one value) never showed; the detections survive it
-    assert dynamic.reason.endswith("on output 'quality' (relative-error)")
-    assert scores(dynamic)["detections"] == ("channel-groups", True, 0.01)
-    assert (fp32.recipe, fp32.status) == ("fp32", "passed")
-    assert result.manifest.quantization.chosen == "fp32"
+    # What is chosen instead scores both outputs, each within its limit. (Which recipe
+    # depends on the host: dynamic int8 survives where the CPU sums int8 pairs exactly,
+    # as with VNNI; on AVX2 alone it moves the one-value quality output by a seventh of
+    # its range, and the weight-only int8 that follows is chosen.)
+    assert chosen.recipe in ("int8-dynamic-per-channel", "int8-weights")
+    assert chosen.status == "passed"
+    assert scores(chosen) == {
+        "detections": ("channel-groups", True, 0.01),
+        "quality": ("relative-error", True, 0.01),
+    }
+    assert result.manifest.model.precision == "int8"
     assert f"{STATIC}: failed the gate (worst: output 'detections' (channel-groups)" in "\n".join(
         lines
     )
+    row = r"output     {}: {}, degradation [0-9.e-]+, limit 0\.01, passed"
+    detections_row = row.format("detections", "channel-groups")
+    quality_row = row.format("quality", "relative-error")
     text = summary_text(result.manifest)
-    assert "output     detections: channel-groups, degradation 0, limit 0.01, passed" in text
-    assert "output     quality: relative-error, degradation 0, limit 0.01, passed" in text
+    assert re.search(detections_row, text) and re.search(quality_row, text), text
     shown = CliRunner().invoke(cli, ["inspect", str(bundle)])
     assert shown.exit_code == 0, shown.output
-    assert (
-        "output     detections: channel-groups, degradation 0, limit 0.01, passed" in shown.output
-    )
+    assert re.search(detections_row, shown.output), shown.output
     assert "gate       per-output metrics (auto), worst output <= 0.01 on 24 samples" in (
         shown.output
     )
     info = CliRunner().invoke(runtime_cli, ["info", str(bundle), "--pubkey", str(keypair[1])])
     assert info.exit_code == 0, info.output
-    assert "output     quality: relative-error, degradation 0, limit 0.01, passed" in info.output
+    assert re.search(quality_row, info.output), info.output
 
 
 def test_the_detection_task_matches_detections_after_nms(detector, keypair, tmp_path):
@@ -197,7 +203,7 @@ def test_metric_options_and_thresholds_per_output_are_recorded(detector, keypair
         ("detections", "detection:score_threshold=0.3,max=0.25", 0.25, True),
         ("quality", "regression:max=0.3", 0.3, True),
     ]
-    assert 0.75 < rows[0].figures["recall"] < 1.0
+    assert 0.75 < rows[0].figures["recall"] <= 1.0  # 1 where the host sums int8 exactly (VNNI)
 
 
 def test_a_metric_plugin_judges_a_real_build(detector, keypair, tmp_path):

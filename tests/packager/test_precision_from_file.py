@@ -71,8 +71,12 @@ def test_a_recipe_that_quantized_nothing_is_an_error_attempt(keypair, tmp_path):
     assert dynamic.status == "error"
     assert dynamic.reason == "nothing was quantized (0 of 1 weight tensors are int8)"
     assert "int8-dynamic-per-channel: error: nothing was quantized" in " ".join(progress)
-    assert result.manifest.quantization.chosen == "fp32"
-    assert result.manifest.model.precision == "fp32"
+    # int8-weights takes no weight this small (a [4, 8] scale) and says so; fp16-weights
+    # stores it as float16, which the file then holds.
+    assert attempts["int8-weights"].status == "skipped"
+    assert attempts["int8-weights"].reason == "the model has no float32 weights to store as int8"
+    assert result.manifest.quantization.chosen == "fp16-weights"
+    assert result.manifest.model.precision == "fp16"
 
 
 def test_the_precision_comes_from_the_file_not_the_recipe_name(keypair, tmp_path):

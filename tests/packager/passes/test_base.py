@@ -15,6 +15,8 @@ EXPECTED = {
     "OnnxDynamicQuantize",
     "OnnxStaticQuantize",
     "OnnxToFloat16",
+    "OnnxInt8Weights",
+    "OnnxFloat16Weights",
     "TfliteValidate",
     "TfliteQuantize",
     "TfliteNormalize",

@@ -138,23 +138,29 @@ class Extraction:
         while not folder.exists() and folder != folder.parent:
             missing.append(folder)
             folder = folder.parent
+        if not folder.is_dir():
+            raise BundleError(f"{folder} is a file, not a folder; extract into an empty folder")
         for path in reversed(missing):
             try:
                 path.mkdir()
-            except FileExistsError:
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
                 if not path.is_dir():
                     raise BundleError(f"{path} exists and is not a folder") from None
                 continue
             self.folders.append(path)
 
 
-def _check_free_space(manifest: Manifest, folder: Path) -> None:
-    needed = sum(entry.size for entry in manifest.files)
+def _check_free_space(verified: VerifiedBundle, target: Path) -> None:
+    """Refuse before writing when ``target``'s filesystem cannot hold the files."""
+    folder = target
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folder that will hold target, which may not exist yet
+    needed = sum(entry.size for entry in verified.manifest.files) + len(verified.manifest_bytes)
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise BundleError(
             f"the bundle's files need {needed} bytes but {folder} has {free} free; "
-            "free some space or extract elsewhere"
+            "free some space or extract elsewhere (extract_dir)"
         )
 
 
@@ -173,9 +179,9 @@ def extract_into(verified: VerifiedBundle, target: Path) -> Extraction:
     target = Path(target).absolute()
     extraction = Extraction(target)
     try:
+        _check_free_space(verified, target)
         extraction.make_folder(target)
         root = extraction.root = target.resolve()
-        _check_free_space(verified.manifest, root)
         with open_archive(verified.path) as archive:
             members = screen_members(archive)
             for entry in verified.manifest.files:
@@ -202,7 +208,12 @@ def extract_into(verified: VerifiedBundle, target: Path) -> Extraction:
             extraction.files.append(root / MANIFEST_NAME)
             with os.fdopen(fd, "wb") as out:
                 out.write(verified.manifest_bytes)
-    except BaseException:
+    except BaseException as exc:
         extraction.remove()
+        if isinstance(exc, OSError):  # the target's filesystem refused (permissions, space)
+            raise BundleError(
+                f"cannot extract into {target}: {exc}; extract into a folder you can write "
+                "to, with room for the bundle"
+            ) from None
         raise
     return extraction

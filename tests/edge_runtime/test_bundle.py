@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -473,3 +474,54 @@ def test_extract_catches_a_bundle_swapped_after_verification(
         extract_bundle(verified, target)
 
     assert files_under(target) == set()
+
+
+@pytest.mark.parametrize(
+    "opener",
+    [
+        pytest.param(open_runtime_into_target, id="runtime"),
+        pytest.param(verify_then_extract, id="extract-bundle"),
+    ],
+)
+def test_extract_refuses_before_writing_when_the_disk_is_too_full(
+    opener, cnn_bundle, bundle_files, keypair, monkeypatch, tmp_path
+):
+    """The free space is faked (at its lowest seam): filling a disk is not a unit test."""
+    real_usage = shutil.disk_usage
+    asked = []
+
+    def nearly_full(path):
+        asked.append(Path(path))
+        return real_usage(path)._replace(free=1000)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    target = tmp_path / "not" / "there"
+    before = tree(tmp_path)
+    needed = sum(len(data) for name, data in bundle_files.items() if name != SIGNATURE_NAME)
+
+    with pytest.raises(BundleError) as caught:
+        opener(cnn_bundle, keypair[1], target)
+
+    assert str(caught.value) == (
+        f"the bundle's files need {needed} bytes but {tmp_path} has 1000 free; free some "
+        "space or extract elsewhere (extract_dir)"
+    )
+    assert asked == [tmp_path]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("target", "phrase"),
+    [
+        pytest.param("a-file", "a-file is a file, not a folder", id="target-is-a-file"),
+        pytest.param("a-file/target", "a-file is a file, not a folder", id="parent-is-a-file"),
+    ],
+)
+def test_extract_into_a_file_is_refused(target, phrase, cnn_bundle, keypair, tmp_path):
+    (tmp_path / "a-file").write_bytes(b"mine")
+    before = tree(tmp_path)
+
+    with pytest.raises(BundleError, match=re.escape(f"{phrase}; extract into an empty folder")):
+        open_runtime_into_target(cnn_bundle, keypair[1], tmp_path / target)
+
+    assert tree(tmp_path) == before

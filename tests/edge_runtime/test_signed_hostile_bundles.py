@@ -130,6 +130,13 @@ def rename_first(kind: str, name: str):
             id="onnx-output-the-model-lacks",
         ),
         pytest.param(
+            "cnn_files",
+            lambda manifest: manifest.update(feeding={"constants": {"image": "abc"}}),
+            "the manifest's feeding constants do not fit their inputs (could not convert "
+            "string to float: 'abc'); rebuild the bundle",
+            id="feeding-constant-the-dtype-refuses",
+        ),
+        pytest.param(
             "tflite_files",
             rename_first("inputs", "pixels"),
             "the manifest does not describe model/model.tflite: inputs ['pixels'] are not "
@@ -138,7 +145,7 @@ def rename_first(kind: str, name: str):
         ),
     ],
 )
-def test_a_manifest_that_misnames_the_models_tensors_is_refused_at_load(
+def test_a_manifest_that_does_not_fit_the_model_is_refused_at_open(
     files, edit, phrase, opener, request, keypair, tmp_path
 ):
     source = request.getfixturevalue(files)

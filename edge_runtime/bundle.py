@@ -1,20 +1,24 @@
 """Reading a ``.edgepkg``: verify everything first, then extract only what the manifest lists.
 
-Order matters for safety: headers are screened, the manifest signature is checked, and
-every member is hashed from the archive, all before a single byte is written to disk.
+Order matters for safety: headers are screened (``edge_runtime.archive``: sizes, types,
+modes, names), the manifest signature is checked, the manifest is parsed (which checks
+its file names and dtypes), and every member is hashed from the archive, all before a
+single byte is written to disk.
 Extraction then writes files itself (never ``tarfile.extract``) and re-hashes while
 writing, so a file swapped on disk between the two reads is caught too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import posixpath
+import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .archive import open_archive, screen_members
 from .errors import BundleError
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
 from .signing import verify_manifest_signature
@@ -30,49 +34,6 @@ class VerifiedBundle:
     manifest: Manifest
     manifest_bytes: bytes
     key_id: str
-
-
-def _safe_member_name(name: str) -> str:
-    normalized = posixpath.normpath(name)
-    if (
-        not name
-        or name.startswith("/")
-        or "\\" in name
-        or normalized != name
-        or normalized.startswith("..")
-        or "/../" in f"/{name}/"
-    ):
-        raise BundleError(f"archive member {name!r} has an unsafe path; the bundle is refused")
-    return name
-
-
-def _open_archive(path: Path) -> tarfile.TarFile:
-    try:
-        return tarfile.open(path, mode="r:")
-    except FileNotFoundError:
-        raise BundleError(f"bundle {path} does not exist") from None
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"{path} is not a readable .edgepkg archive: {exc}") from None
-
-
-def _screen_members(archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
-    """Index the members, refusing anything but uniquely named regular files at safe paths."""
-    members: dict[str, tarfile.TarInfo] = {}
-    try:
-        infos = archive.getmembers()
-    except tarfile.TarError as exc:  # e.g. a truncated archive
-        raise BundleError(f"{archive.name} is not a readable .edgepkg archive: {exc}") from None
-    for info in infos:
-        name = _safe_member_name(info.name)
-        if not info.isreg():
-            kind = "symlink" if info.issym() else "hard link" if info.islnk() else "non-file"
-            raise BundleError(
-                f"archive member {name!r} is a {kind}; bundles hold only regular files"
-            )
-        if name in members:
-            raise BundleError(f"archive member {name!r} appears twice; the bundle is refused")
-        members[name] = info
-    return members
 
 
 def _read_member(archive: tarfile.TarFile, info: tarfile.TarInfo, limit: int) -> bytes:
@@ -99,8 +60,8 @@ def verify_bundle(path: Path, pubkey: Path | None = None) -> VerifiedBundle:
         TrustError: no key was given and none is trusted.
     """
     path = Path(path)
-    with _open_archive(path) as archive:
-        members = _screen_members(archive)
+    with open_archive(path) as archive:
+        members = screen_members(archive)
         for required in (MANIFEST_NAME, SIGNATURE_NAME):
             if required not in members:
                 raise BundleError(f"{path} has no {required}; it is not an edgepack bundle")
@@ -114,10 +75,8 @@ def verify_bundle(path: Path, pubkey: Path | None = None) -> VerifiedBundle:
         unexpected = sorted(set(members) - set(listed) - {MANIFEST_NAME, SIGNATURE_NAME})
         if unexpected:
             raise BundleError(f"archive holds members the manifest does not list: {unexpected}")
+        # Names, collisions and reserved names were checked when the manifest was parsed.
         for entry in manifest.files:
-            _safe_member_name(entry.path)
-            if entry.path in (MANIFEST_NAME, SIGNATURE_NAME):
-                raise BundleError(f"manifest lists the reserved name {entry.path!r} as a file")
             info = members.get(entry.path)
             if info is None:
                 raise BundleError(f"manifest lists {entry.path!r} but the archive lacks it")
@@ -157,32 +116,87 @@ def _create_new(destination: Path) -> int:
         raise BundleError(f"{destination} already exists; extract into an empty folder") from None
 
 
+@dataclass
+class Extraction:
+    """What ``extract_into`` created: its files and the folders it made, outermost first."""
+
+    root: Path
+    files: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+    def remove(self) -> None:
+        """Remove what the extraction created, and nothing that was there before it."""
+        for path in reversed(self.files):
+            path.unlink(missing_ok=True)
+        for folder in reversed(self.folders):
+            with contextlib.suppress(OSError):  # something else was put there: leave it
+                folder.rmdir()
+
+    def make_folder(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents, remembering each one created."""
+        missing = []
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        if not folder.is_dir():
+            raise BundleError(f"{folder} is a file, not a folder; extract into an empty folder")
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                if not path.is_dir():
+                    raise BundleError(f"{path} exists and is not a folder") from None
+                continue
+            self.folders.append(path)
+
+
+def _check_free_space(verified: VerifiedBundle, target: Path) -> None:
+    """Refuse before writing when ``target``'s filesystem cannot hold the files."""
+    folder = target
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folder that will hold target, which may not exist yet
+    needed = sum(entry.size for entry in verified.manifest.files) + len(verified.manifest_bytes)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise BundleError(
+            f"the bundle's files need {needed} bytes but {folder} has {free} free; "
+            "free some space or extract elsewhere (extract_dir)"
+        )
+
+
 def extract_bundle(verified: VerifiedBundle, target: Path) -> Path:
     """Write the manifest's files from a verified bundle into ``target`` (created if needed).
 
-    Each file is re-hashed while it is written; on any mismatch the partial output is
+    Each file is re-hashed while it is written; on any mismatch what was written is
     removed and BundleError is raised. Nothing is written outside ``target``.
     """
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    root = target.resolve()
-    written: list[Path] = []
+    return extract_into(verified, target).root
+
+
+def extract_into(verified: VerifiedBundle, target: Path) -> Extraction:
+    """``extract_bundle``, returning what was created so that a caller can undo it
+    (``Extraction.remove``) when a later step, such as loading the model, fails."""
+    target = Path(target).absolute()
+    extraction = Extraction(target)
     try:
-        with _open_archive(verified.path) as archive:
-            members = _screen_members(archive)
+        _check_free_space(verified, target)
+        extraction.make_folder(target)
+        root = extraction.root = target.resolve()
+        with open_archive(verified.path) as archive:
+            members = screen_members(archive)
             for entry in verified.manifest.files:
                 destination = (root / entry.path).resolve()
                 if root not in destination.parents:
                     raise BundleError(f"{entry.path!r} would land outside {root}")
                 if entry.path not in members:
                     raise BundleError(f"{entry.path!r} changed while extracting; bundle refused")
-                destination.parent.mkdir(parents=True, exist_ok=True)
+                extraction.make_folder(destination.parent)
                 handle = archive.extractfile(members[entry.path])
                 assert handle is not None
                 digest = hashlib.sha256()
                 size = 0
                 fd = _create_new(destination)
-                written.append(destination)
+                extraction.files.append(destination)
                 with os.fdopen(fd, "wb") as out:
                     while chunk := handle.read(_CHUNK):
                         digest.update(chunk)
@@ -191,11 +205,15 @@ def extract_bundle(verified: VerifiedBundle, target: Path) -> Path:
                 if digest.hexdigest() != entry.sha256 or size != entry.size:
                     raise BundleError(f"{entry.path!r} changed while extracting; bundle refused")
             fd = _create_new(root / MANIFEST_NAME)
-            written.append(root / MANIFEST_NAME)
+            extraction.files.append(root / MANIFEST_NAME)
             with os.fdopen(fd, "wb") as out:
                 out.write(verified.manifest_bytes)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+    except BaseException as exc:
+        extraction.remove()
+        if isinstance(exc, OSError):  # the target's filesystem refused (permissions, space)
+            raise BundleError(
+                f"cannot extract into {target}: {exc}; extract into a folder you can write "
+                "to, with room for the bundle"
+            ) from None
         raise
-    return root
+    return extraction

@@ -89,25 +89,10 @@ def run(
 
     from .errors import InputSignatureError
     from .eval_inputs import run_samples
+    from .npz_file import read_npz
 
-    try:
-        loaded = np.load(input_path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputSignatureError(f"input file {input_path} does not exist") from None
-    except (ValueError, OSError) as exc:
-        raise InputSignatureError(
-            f"{input_path} is not a readable .npz of plain arrays (pickled data is refused): {exc}"
-        ) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise InputSignatureError(
-            f"{input_path} holds a single array; --input needs an .npz with one array per "
-            "model input name (np.savez(path, input_name=array, ...))"
-        )
-    with loaded as data:
-        try:
-            inputs = {key: data[key] for key in data.files}
-        except ValueError as exc:
-            raise InputSignatureError(f"{input_path}: pickled arrays are refused ({exc})") from None
+    # Every header is checked before anything is allocated: a crafted file is one line.
+    inputs = read_npz(input_path, InputSignatureError, label=f"input file {input_path}")
     with _open(bundle, pubkey, threads, providers) as runtime:
         done = run_samples(runtime, inputs)
     outputs = done.outputs

@@ -10,15 +10,25 @@ import json
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import BundleError
+from .limits import NAME_RULE, dtype_problem, path_problem
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024  # refuse to parse anything bigger: a manifest is small
+# Members every bundle has besides its files: no file may take (or hide under) their names.
+RESERVED_NAMES = (MANIFEST_NAME, SIGNATURE_NAME)
 
 
 # The engine that runs each model format (also the name of its edge_runtime backend).
@@ -41,11 +51,26 @@ class FileEntry(StrictModel):
     size: int = Field(ge=0)
     role: FileRole
 
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, path: str) -> str:
+        problem = path_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path!r} cannot name a member: {problem}; {NAME_RULE}")
+        return path
+
 
 class TensorSpec(StrictModel):
     name: str
     dtype: str = Field(description="numpy dtype name, e.g. float32, int64")
     shape: list[int | str] = Field(description="fixed sizes, or a name for a free dimension")
+
+    @field_validator("shape")
+    @classmethod
+    def _sizes_are_sizes(cls, shape: list[int | str]) -> list[int | str]:
+        if any(isinstance(dim, int) and dim < 0 for dim in shape):
+            raise ValueError(f"{shape}: a size is at least 0 (a free dimension is a name)")
+        return shape
 
     def describe(self) -> str:
         dims = ", ".join(str(dim) for dim in self.shape)
@@ -370,6 +395,39 @@ class Manifest(StrictModel):
         for role, path in paths:
             if path not in listed:
                 raise ValueError(f"{role} path {path!r} is not among the manifest's files")
+        return self
+
+    @model_validator(mode="after")
+    def _files_do_not_collide(self) -> Manifest:
+        # Case-folded: on a case-insensitive filesystem (macOS, Windows) 'Model' is 'model'.
+        taken: dict[str, str] = {name.casefold(): name for name in RESERVED_NAMES}
+        for entry in self.files:
+            key = entry.path.casefold()
+            if key in taken:
+                raise ValueError(f"files list {entry.path!r}, which collides with {taken[key]!r}")
+            taken[key] = entry.path
+        for entry in self.files:
+            parts = entry.path.casefold().split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder in taken:
+                    raise ValueError(
+                        f"files list {taken[folder]!r} as a file and {entry.path!r} inside it "
+                        "as a folder; a path cannot be both"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _tensors_are_plain(self) -> Manifest:
+        for role, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [spec.name for spec in specs]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{role} name {twice} more than once; each name is one tensor")
+            for spec in specs:
+                problem = dtype_problem(spec.dtype)
+                if problem is not None:
+                    raise ValueError(f"{role[:-1]} {spec.name!r}: {problem}")
         return self
 
     @model_validator(mode="after")

@@ -21,8 +21,8 @@ from .backends import (
     create_backend,
     interface_for,
 )
-from .bundle import VerifiedBundle, extract_bundle, verify_bundle
-from .errors import BackendError, InputSignatureError
+from .bundle import VerifiedBundle, extract_into, verify_bundle
+from .errors import BackendError, BundleError, InputSignatureError
 from .feeding import Feeder
 from .manifest import Manifest, TensorSpec
 from .selftest import SelfTestReport, run_selftest
@@ -90,7 +90,13 @@ class Runtime:
         self._text = backend if interface is GenerativeBackend else None
         self._check_inputs = InputChecker(verified.manifest.inputs)
         manifest = verified.manifest
-        self.feeder = Feeder(manifest.inputs, manifest.outputs, manifest.feeding)
+        try:
+            self.feeder = Feeder(manifest.inputs, manifest.outputs, manifest.feeding)
+        except (ValueError, TypeError, OverflowError) as exc:  # a constant the dtype refuses
+            raise BundleError(
+                f"the manifest's feeding constants do not fit their inputs ({exc}); "
+                "rebuild the bundle"
+            ) from None
         self._constants = self.feeder.constants
         self._metadata: Mapping[str, Any] | None = None
         self._telemetry: TelemetryHook | None = None
@@ -125,8 +131,9 @@ class Runtime:
         Args:
             bundle: path of the ``.edgepkg`` file.
             pubkey: PEM Ed25519 public key. None uses ``$EDGEPACK_TRUSTED_KEYS``.
-            extract_dir: an empty folder to extract into; None uses a temporary folder
-                that is removed on ``close``.
+            extract_dir: an empty folder to extract into (created if needed); None uses a
+                temporary folder that is removed on ``close``. When opening fails, what
+                was extracted into it is removed again.
             providers: ONNX Runtime providers to use instead of the manifest's list.
             threads: thread count instead of the manifest's.
             gpu_layers: llama.cpp layers to offload to the GPU instead of the manifest's
@@ -154,20 +161,27 @@ class Runtime:
         )
         owns_dir = extract_dir is None
         target = Path(tempfile.mkdtemp(prefix="edgepack-")) if owns_dir else Path(extract_dir)
+        extraction = None
+        backend = None
         try:
-            model_dir = extract_bundle(verified, target)
+            extraction = extract_into(verified, target)
             backend = create_backend(manifest.backend.name, interface_for(manifest))
             backend.load(
-                model_dir,
+                extraction.root,
                 manifest,
                 BackendOptions(providers, threads, gpu_layers, context_length),
             )
             log.info("loaded %s (%s) with %s", manifest.name, manifest.model.recipe, backend.info())
+            return cls(verified, extraction.root, backend, owns_dir, telemetry)
         except BaseException:
+            if backend is not None:
+                backend.close()
+            # Leave the caller's folder as it was: what this call extracted goes too.
             if owns_dir:
                 shutil.rmtree(target, ignore_errors=True)
+            elif extraction is not None:
+                extraction.remove()
             raise
-        return cls(verified, model_dir, backend, owns_dir, telemetry)
 
     @property
     def manifest(self) -> Manifest:

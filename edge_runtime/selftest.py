@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BundleError
 from .manifest import Manifest, SelfTestBound, TokenSelfTestSpec
+from .npz_file import read_npz
 
 INPUT_PREFIX = "input."
 REFERENCE_PREFIX = "reference."
@@ -48,39 +50,90 @@ def cosine_rows(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 1.0)
 
 
+def read_vectors(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a bundle's vectors file, each header checked before it is read.
+
+    Raises:
+        BundleError: the file is truncated, crafted, or holds pickled objects.
+    """
+    return read_npz(path, BundleError, label=f"the bundle's self-test vectors {path.name}")
+
+
+def _with_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix) :]: value for k, value in arrays.items() if k.startswith(prefix)}
+
+
 def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as data:
-        inputs = {k[len(INPUT_PREFIX) :]: data[k] for k in data.files if k.startswith(INPUT_PREFIX)}
-        refs = {
-            k[len(REFERENCE_PREFIX) :]: data[k]
-            for k in data.files
-            if k.startswith(REFERENCE_PREFIX)
-        }
-    return inputs, refs
+    """The vectors' inputs and reference outputs, by tensor name."""
+    arrays = read_vectors(path)
+    return _with_prefix(arrays, INPUT_PREFIX), _with_prefix(arrays, REFERENCE_PREFIX)
 
 
 def load_alternates(path: Path) -> dict[str, np.ndarray]:
     """The outputs stored from the build host's second kernel path (none in older bundles)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {
-            k[len(ALTERNATE_PREFIX) :]: data[k]
-            for k in data.files
-            if k.startswith(ALTERNATE_PREFIX)
-        }
+    return _with_prefix(read_vectors(path), ALTERNATE_PREFIX)
+
+
+def vector_problems(
+    manifest: Manifest, inputs: dict[str, np.ndarray], references: dict[str, np.ndarray], feeder
+) -> list[str]:
+    """Why the stored vectors cannot test the model (none: they can).
+
+    A self-test that compares nothing must fail, not pass: no reference outputs, an
+    output the model does not have, or fewer stored rows than the manifest's ``count``.
+    """
+    spec = manifest.selftest
+    problems = []
+    if not references:
+        problems.append(
+            f"{spec.path} holds no reference outputs ({REFERENCE_PREFIX}NAME), so nothing "
+            "would be compared; the bundle was built wrong, rebuild it"
+        )
+    outputs = {output.name for output in manifest.outputs}
+    if unknown := sorted(set(references) - outputs):
+        problems.append(f"{spec.path} holds references for outputs {unknown} the model lacks")
+    if missing := sorted(set(feeder.data_inputs) - set(inputs)):
+        problems.append(f"{spec.path} lacks the inputs {missing}")
+    if unknown := sorted(set(inputs) - {tensor.name for tensor in manifest.inputs}):
+        problems.append(f"{spec.path} holds inputs {unknown} the model lacks")
+    for kind, arrays in (("input", inputs), ("reference", references)):
+        for name, value in arrays.items():
+            rows = value.shape[0] if value.ndim else 0
+            if rows < spec.count:
+                problems.append(
+                    f"{kind} {name!r} holds {rows} vectors; the manifest says {spec.count}"
+                )
+    return problems
 
 
 def run_selftest(runtime, model_dir: Path, manifest: Manifest) -> SelfTestReport:
-    """Run every vector one sample at a time and compare with the stored reference."""
+    """Run every vector one sample at a time and compare with the stored reference.
+
+    Raises:
+        BundleError: the vectors file is truncated, crafted, or holds pickled objects.
+    """
     spec = manifest.selftest
     if spec.kind == "greedy-tokens":
         return run_token_selftest(runtime.backend, spec)
-    inputs, references = load_vectors(model_dir / spec.path)
-    alternates = load_alternates(model_dir / spec.path)
-    failures: list[str] = []
-    worst_abs, worst_cos = 0.0, 1.0
+    arrays = read_vectors(model_dir / spec.path)
+    inputs = _with_prefix(arrays, INPUT_PREFIX)
+    references = _with_prefix(arrays, REFERENCE_PREFIX)
+    alternates = _with_prefix(arrays, ALTERNATE_PREFIX)
     # Vectors are stored samples first; the feeder puts each input's batch axis where the
     # model has it (and takes it back out of the outputs). Constant inputs are not stored.
     feeder = runtime.feeder
+    failures = vector_problems(manifest, inputs, references, feeder)
+    if failures:
+        return SelfTestReport(
+            passed=False,
+            vectors=0,
+            max_abs_error=0.0,
+            min_cosine=1.0,
+            atol=spec.atol,
+            required_cosine=spec.min_cosine,
+            failures=failures,
+        )
+    worst_abs, worst_cos = 0.0, 1.0
     for index in range(spec.count):
         outputs = runtime.run(feeder.row_feed(inputs, index))
         for name, reference in references.items():

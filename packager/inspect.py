@@ -5,31 +5,28 @@ The summary itself is ``edge_runtime.summary``, shared with ``edge-runtime info`
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
+from edge_runtime.archive import open_archive, screen_members
 from edge_runtime.errors import BundleError
 from edge_runtime.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from edge_runtime.summary import format_row, summary_rows
 
 
 def read_manifest_bytes_unverified(bundle: Path) -> bytes:
-    """The bytes of ``bundle``'s manifest as stored, NOT signature-checked (display only)."""
-    try:
-        with tarfile.open(bundle, mode="r:") as archive:
-            info = archive.getmember(MANIFEST_NAME)
-            if not info.isreg() or info.size > MAX_MANIFEST_BYTES:
-                raise BundleError(f"{bundle}: {MANIFEST_NAME} is not a plain, small file")
-            handle = archive.extractfile(info)
-            return handle.read() if handle else b""
-    except FileNotFoundError:
-        raise BundleError(f"bundle {bundle} does not exist") from None
-    except KeyError:
-        raise BundleError(
-            f"{bundle} has no {MANIFEST_NAME}; it is not an edgepack bundle"
-        ) from None
-    except tarfile.TarError as exc:
-        raise BundleError(f"{bundle} is not a readable .edgepkg archive: {exc}") from None
+    """The bytes of ``bundle``'s manifest as stored, NOT signature-checked (display only).
+
+    The headers are screened as the device screens them (``edge_runtime.archive``), so a
+    crafted file is a one-line error here too.
+    """
+    with open_archive(bundle) as archive:
+        info = screen_members(archive).get(MANIFEST_NAME)
+        if info is None:
+            raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not an edgepack bundle")
+        if info.size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{bundle}: {MANIFEST_NAME} is not a plain, small file")
+        handle = archive.extractfile(info)
+        return handle.read() if handle else b""
 
 
 def read_manifest_unverified(bundle: Path) -> Manifest:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import BackendError
+from ..errors import BackendError, BundleError
 from ..manifest import Manifest
 
 if TYPE_CHECKING:  # annotations only: importing the registry loads no numpy
@@ -186,6 +186,34 @@ class GenerativeBackend(Backend):
     @abstractmethod
     def greedy_tokens(self, prompt: str, count: int) -> tuple[list[int], list[float]]:
         """The first ``count`` greedy tokens after ``prompt`` and each one's logit margin."""
+
+
+def check_tensor_names(manifest: Manifest, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Refuse a model whose tensors are not the ones the manifest lists.
+
+    Called by a tensor backend once its engine has loaded the model, with the engine's
+    own input and output names: ``Runtime.run`` checks inputs against the manifest, so
+    the two must agree, or a run would fail inside the engine (a KeyError, or an input
+    silently left at zeros).
+
+    Raises:
+        BundleError: an input the model lacks or the manifest lacks, or an output the
+            model lacks.
+    """
+    listed = [spec.name for spec in manifest.inputs]
+    problems = []
+    if missing := [name for name in listed if name not in inputs]:
+        problems.append(f"inputs {missing} are not the model's")
+    if unlisted := [name for name in inputs if name not in listed]:
+        problems.append(f"the model's inputs {unlisted} are not listed")
+    if missing := [spec.name for spec in manifest.outputs if spec.name not in outputs]:
+        problems.append(f"outputs {missing} are not the model's")
+    if problems:
+        raise BundleError(
+            f"the manifest does not describe {manifest.model.path}: {'; '.join(problems)} "
+            f"(the model has inputs {list(inputs)}, outputs {list(outputs)}); the bundle was "
+            "built wrong, rebuild it with `edgepack build`"
+        )
 
 
 Interface = TypeVar("Interface", bound=Backend)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from . import BackendOptions, TensorBackend
+from . import BackendOptions, TensorBackend, check_tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class OnnxBackend(TensorBackend):
             allow_spinning=spec.allow_spinning,
             display_path=manifest.model.path,
         )
+        inputs = [node.name for node in self._session.session.get_inputs()]
+        check_tensor_names(manifest, inputs, self._session.output_names)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import BackendError, ModelFileError
 from ..manifest import Manifest, TensorSpec
 from ..tflite_file import check_tflite
-from . import BackendOptions, TensorBackend
+from . import BackendOptions, TensorBackend, check_tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,8 @@ class TfliteBackend(TensorBackend):
             )
         except ModelFileError as exc:
             raise BackendError(f"refusing to load {manifest.model.path}: {exc}") from None
+        session = self._session
+        check_tensor_names(manifest, list(session.input_indices), list(session.output_indices))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:

@@ -1,4 +1,5 @@
-"""Bundles in the v1 manifest form, written at test time from the session bundles.
+"""The ``edge-runtime`` console script in a subprocess, and bundles in the v1 manifest
+form, written at test time from the session bundles.
 
 edgepack before manifest schema 2 wrote one flat ``backend`` object holding every
 engine's settings, no ``kind`` discriminators and no ``steps``. ``as_v1_bundle`` rewrites
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -90,3 +94,18 @@ def tflite_v1_bundle(request, keypair, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_v1_bundle(request, keypair, tmp_path_factory) -> Path:
     return _v1(request, "smollm2_pi5_bundle", keypair, tmp_path_factory)
+
+
+@pytest.fixture
+def edge_runtime(tmp_path):
+    """Run the installed ``edge-runtime`` console script in a subprocess."""
+    script = Path(sys.executable).with_name("edge-runtime")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "edge_runtime.cli"]
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+
+    def invoke(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+        )
+
+    return invoke

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,29 +25,23 @@ import pytest
 from edge_runtime.bundle import extract_bundle, verify_bundle
 from edge_runtime.errors import BundleError, SignatureError
 from edge_runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from edge_runtime.runtime import Runtime
 from edge_runtime.signing import key_id, load_public_key
-
-MODEL = "model/model.onnx"
-VECTORS = "selftest/vectors.npz"
-
-Member = tuple[tarfile.TarInfo, bytes]
-
+from tests.edge_runtime.hostile import (
+    MODEL,
+    VECTORS,
+    Member,
+    files_under,
+    open_runtime_into_target,
+    open_runtime_into_temp,
+    read_files,
+    regular,
+    tar_bytes,
+    tree,
+    tree_outside,
+    verify_then_extract,
+)
 
 # --- building archives ------------------------------------------------------------------
-
-
-def read_files(bundle: Path) -> dict[str, bytes]:
-    """The members of a real bundle, in archive order."""
-    with tarfile.open(bundle, mode="r:") as archive:
-        return {info.name: archive.extractfile(info).read() for info in archive.getmembers()}
-
-
-def regular(name: str, data: bytes) -> Member:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    return info, data
 
 
 def link(name: str, target: str, kind: bytes) -> Member:
@@ -61,14 +56,6 @@ def directory(name: str) -> Member:
     info.type = tarfile.DIRTYPE
     info.mode = 0o755
     return info, b""
-
-
-def tar_bytes(members: list[Member]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for info, data in members:
-            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return buffer.getvalue()
 
 
 def rebuild(
@@ -95,28 +82,6 @@ def cut_inside(raw: bytes, name: str) -> bytes:
     """The archive truncated 100 bytes into the data of member ``name``."""
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
         return raw[: archive.getmember(name).offset_data + 100]
-
-
-def tree(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Everything under ``root`` (mode, size, mtime), without following links."""
-    result = {}
-    for path in root.rglob("*"):
-        stat = path.lstat()
-        result[str(path.relative_to(root))] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
-    return result
-
-
-def tree_outside(root: Path, excluded: str) -> dict[str, tuple[int, int, int]]:
-    """``tree(root)`` without the folder ``excluded`` and what it holds."""
-    return {
-        name: facts
-        for name, facts in tree(root).items()
-        if name != excluded and not name.startswith(f"{excluded}/")
-    }
-
-
-def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
 
 
 # --- the tampering matrix ---------------------------------------------------------------
@@ -357,18 +322,6 @@ TAMPERS = [
 ]
 
 
-def open_runtime_into_target(bundle: Path, pubkey: Path, target: Path) -> None:
-    Runtime.open(bundle, pubkey, extract_dir=target).close()
-
-
-def open_runtime_into_temp(bundle: Path, pubkey: Path, target: Path) -> None:
-    Runtime.open(bundle, pubkey).close()
-
-
-def verify_then_extract(bundle: Path, pubkey: Path, target: Path) -> None:
-    extract_bundle(verify_bundle(bundle, pubkey), target)
-
-
 OPENERS = [
     pytest.param(open_runtime_into_target, id="runtime-extract-dir"),
     pytest.param(open_runtime_into_temp, id="runtime-temp-dir"),
@@ -521,3 +474,54 @@ def test_extract_catches_a_bundle_swapped_after_verification(
         extract_bundle(verified, target)
 
     assert files_under(target) == set()
+
+
+@pytest.mark.parametrize(
+    "opener",
+    [
+        pytest.param(open_runtime_into_target, id="runtime"),
+        pytest.param(verify_then_extract, id="extract-bundle"),
+    ],
+)
+def test_extract_refuses_before_writing_when_the_disk_is_too_full(
+    opener, cnn_bundle, bundle_files, keypair, monkeypatch, tmp_path
+):
+    """The free space is faked (at its lowest seam): filling a disk is not a unit test."""
+    real_usage = shutil.disk_usage
+    asked = []
+
+    def nearly_full(path):
+        asked.append(Path(path))
+        return real_usage(path)._replace(free=1000)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    target = tmp_path / "not" / "there"
+    before = tree(tmp_path)
+    needed = sum(len(data) for name, data in bundle_files.items() if name != SIGNATURE_NAME)
+
+    with pytest.raises(BundleError) as caught:
+        opener(cnn_bundle, keypair[1], target)
+
+    assert str(caught.value) == (
+        f"the bundle's files need {needed} bytes but {tmp_path} has 1000 free; free some "
+        "space or extract elsewhere (extract_dir)"
+    )
+    assert asked == [tmp_path]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("target", "phrase"),
+    [
+        pytest.param("a-file", "a-file is a file, not a folder", id="target-is-a-file"),
+        pytest.param("a-file/target", "a-file is a file, not a folder", id="parent-is-a-file"),
+    ],
+)
+def test_extract_into_a_file_is_refused(target, phrase, cnn_bundle, keypair, tmp_path):
+    (tmp_path / "a-file").write_bytes(b"mine")
+    before = tree(tmp_path)
+
+    with pytest.raises(BundleError, match=re.escape(f"{phrase}; extract into an empty folder")):
+        open_runtime_into_target(cnn_bundle, keypair[1], tmp_path / target)
+
+    assert tree(tmp_path) == before

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -62,21 +61,6 @@ def input_npz(vectors, tmp_path) -> Path:
     path = tmp_path / "in.npz"
     np.savez(path, image=vectors["input.image"])
     return path
-
-
-@pytest.fixture
-def edge_runtime(tmp_path):
-    """Run the installed ``edge-runtime`` console script in a subprocess."""
-    script = Path(sys.executable).with_name("edge-runtime")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "edge_runtime.cli"]
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
-
-    def invoke(*args: object) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
-        )
-
-    return invoke
 
 
 def assert_matches_reference(outputs: dict[str, np.ndarray], vectors, bundle_files) -> None:

@@ -26,7 +26,12 @@ class AgentSettings(TelemetrySettings):
         ge=0,
         description="requests/s made from the self-test vectors (or prompt)",
     )
-    threads: int | None = Field(None, ge=0, description="override the profile's thread count")
+    threads: int | None = Field(
+        None,
+        ge=0,
+        description="thread count to use as given; unset, the profile's is capped at the "
+        "CPUs this process may use",
+    )
 
 
 DEMO_COMPLETION_TOKENS = 16

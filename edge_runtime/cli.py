@@ -13,6 +13,7 @@ from .cli_options import settings_options
 from .cli_support import (
     CliState,
     EdgeGroup,
+    cli_state,
     json_requested,
     run_cli,
     set_log_levels,
@@ -20,6 +21,10 @@ from .cli_support import (
 )
 from .errors import EdgeRuntimeError
 
+THREADS_HELP = (
+    "Thread count to use as given. Without it, the profile's count is capped at the CPUs "
+    "this process may use (affinity, cgroup CPU quota)."
+)
 PUBKEY_HELP = "Ed25519 public key (PEM). Optional when $EDGEPACK_TRUSTED_KEYS names trusted keys."
 
 
@@ -30,7 +35,7 @@ def engine_options(command):
         help="Comma-separated execution providers to use instead of the profile's, "
         "e.g. CUDAExecutionProvider,CPUExecutionProvider.",
     )(command)
-    return click.option("--threads", type=int, help="Override the profile's thread count.")(command)
+    return click.option("--threads", type=int, help=THREADS_HELP)(command)
 
 
 def _open(
@@ -39,7 +44,18 @@ def _open(
     from .runtime import Runtime
 
     chosen = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    return Runtime.open(bundle, pubkey, threads=threads, providers=chosen)
+    runtime = Runtime.open(bundle, pubkey, threads=threads, providers=chosen)
+    _note_threads(runtime)
+    return runtime
+
+
+def _note_threads(runtime) -> None:
+    """Print a note when the runtime gave the engine fewer threads than the profile asks
+    for. Without -v the runtime's INFO line is not shown; its warnings always are."""
+    choice = runtime.threads_used
+    message = choice.message() if choice is not None else None
+    if message is not None and message[0] < logging.WARNING and not cli_state().verbose:
+        click.echo(f"note: {message[1]}", err=True)
 
 
 def _configure_logging(state: CliState) -> None:
@@ -188,7 +204,7 @@ def info(
 )
 @click.option("--seed", type=int, help="Sampling seed, for repeatable output.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--threads", type=int, help="Override the profile's thread count.")
+@click.option("--threads", type=int, help=THREADS_HELP)
 @click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all).")
 @click.option("--context-length", type=click.IntRange(min=16), help="Override the context.")
 def generate(
@@ -225,6 +241,7 @@ def generate(
             stream = runtime.chat([*messages, {"role": "user", "content": prompt}], **options)
         else:
             stream = runtime.generate(prompt, **options)
+        _note_threads(runtime)  # once the bundle is known to generate: else one error line
         as_json = json_requested()
         pieces = []
         try:

@@ -22,6 +22,7 @@ from .backends import (
     interface_for,
 )
 from .bundle import VerifiedBundle, extract_into, verify_bundle
+from .cpus import ThreadChoice
 from .errors import BackendError, BundleError, InputSignatureError
 from .feeding import Feeder
 from .manifest import Manifest, TensorSpec
@@ -135,7 +136,9 @@ class Runtime:
                 temporary folder that is removed on ``close``. When opening fails, what
                 was extracted into it is removed again.
             providers: ONNX Runtime providers to use instead of the manifest's list.
-            threads: thread count instead of the manifest's.
+            threads: thread count instead of the manifest's, used as given. Without it
+                the manifest's count is capped at the CPUs this process may use (its
+                affinity and cgroup CPU quota; see ``threads_used``).
             gpu_layers: llama.cpp layers to offload to the GPU instead of the manifest's
                 (-1 = all, 0 = CPU only); language-model bundles only.
             context_length: llama.cpp context length instead of the manifest's.
@@ -192,6 +195,13 @@ class Runtime:
     def backend(self) -> TensorBackend | GenerativeBackend:
         """The loaded backend; ``runtime.backend.engine`` is the engine object itself."""
         return self._backend
+
+    @property
+    def threads_used(self) -> ThreadChoice | None:
+        """How many threads the engine got and why: the profile's figure, an explicit
+        ``threads``, and the CPUs this process may use. None for a backend that does not
+        say."""
+        return self._backend.thread_choice
 
     @property
     def metadata(self) -> Mapping[str, Any]:
@@ -350,13 +360,16 @@ class Runtime:
         }
 
     def info(self) -> dict[str, Any]:
-        """Manifest summary plus what the engine actually uses on this device."""
+        """Manifest summary plus what the engine actually uses on this device (its
+        ``threads``, and the profile's figure and usable CPUs behind them)."""
         facts = self.bundle_facts()
+        choice = self.threads_used
         return {
             "bundle_id": facts.pop("id"),
             **facts,
             "signed_by": self.signed_by,
             **self._backend.info(),
+            **(choice.as_dict() if choice is not None else {}),
         }
 
     def close(self) -> None:

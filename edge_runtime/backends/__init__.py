@@ -12,6 +12,7 @@ of the bundles it runs, and ``edge-runtime --help`` imports none of them.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..cpus import ThreadChoice, choose_threads, log_choice, usable_cpus
 from ..errors import BackendError, BundleError
 from ..manifest import Manifest
 
 if TYPE_CHECKING:  # annotations only: importing the registry loads no numpy
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 # name -> "module:Class"; resolved lazily so importing this package stays cheap.
 BACKENDS: dict[str, str] = {
@@ -41,6 +45,19 @@ class BackendOptions:
     threads: int | None = None
     gpu_layers: int | None = None
     context_length: int | None = None
+
+
+def engine_threads(
+    engine: str, profile: int, options: BackendOptions, *, zero_counts_cores: bool
+) -> ThreadChoice:
+    """The threads a backend gives its engine: ``options.threads`` if given, else the
+    profile's figure capped at the CPUs this process may use; logs the one line that says
+    so when the figure is lowered (see ``edge_runtime.cpus``)."""
+    choice = choose_threads(
+        engine, profile, options.threads, usable_cpus(), zero_counts_cores=zero_counts_cores
+    )
+    log_choice(choice, log)
+    return choice
 
 
 # Called once when a stream ends: (the stream, seconds from its first read, the error
@@ -123,6 +140,8 @@ class Backend(ABC):
     """
 
     name: str
+    # How many threads ``load`` gave the engine, and why; None before ``load``.
+    thread_choice: ThreadChoice | None = None
 
     @abstractmethod
     def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import codecs
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from . import BackendOptions, GenerativeBackend, TokenStream
+from . import BackendOptions, GenerativeBackend, TokenStream, engine_threads
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,9 @@ class LlamaCppBackend(GenerativeBackend):
         spec = manifest.backend
         if spec.name != "llamacpp":
             raise BackendError(f"the llama.cpp backend cannot run a {spec.name} bundle")
-        threads = options.threads if options.threads is not None else spec.intra_op_threads
-        self._threads = threads or os.cpu_count() or 1
+        choice = engine_threads("llama.cpp", spec.intra_op_threads, options, zero_counts_cores=True)
+        # llama.cpp needs a number: 0 means every CPU this process may use.
+        self._threads = choice.threads or choice.cpus.count
         self._gpu_layers = spec.gpu_layers if options.gpu_layers is None else options.gpu_layers
         self._context_length = options.context_length or manifest.llm.context_length
         self._manifest = manifest
@@ -148,6 +148,7 @@ class LlamaCppBackend(GenerativeBackend):
             threads=self._threads,
             gpu_layers=self._gpu_layers,
         )
+        self.thread_choice = choice
 
     def _require(self):
         if self._llm is None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from . import BackendOptions, TensorBackend, check_tensor_names
+from . import BackendOptions, TensorBackend, check_tensor_names, engine_threads
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,27 @@ class OnnxBackend(TensorBackend):
 
     def __init__(self) -> None:
         self._session: OnnxSession | None = None
+        self._spinning = False
 
     def load(self, model_dir: Path, manifest: Manifest, options: BackendOptions) -> None:
         spec = manifest.backend
-        threads = options.threads if options.threads is not None else spec.intra_op_threads
+        choice = engine_threads(
+            "ONNX Runtime intra-op", spec.intra_op_threads, options, zero_counts_cores=True
+        )
+        # Spinning workers that outnumber the CPUs take turns burning each other's time
+        # slices: a run then waits on threads that are spinning instead of working.
+        self._spinning = spec.allow_spinning and not choice.oversubscribed
         self._session = OnnxSession(
             model_dir / manifest.model.path,
-            threads=threads,
+            threads=choice.threads,
             providers=options.providers or spec.providers or ["CPUExecutionProvider"],
             cpu_mem_arena=spec.enable_cpu_mem_arena,
-            allow_spinning=spec.allow_spinning,
+            allow_spinning=self._spinning,
             display_path=manifest.model.path,
         )
         inputs = [node.name for node in self._session.session.get_inputs()]
         check_tensor_names(manifest, inputs, self._session.output_names)
+        self.thread_choice = choice
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
@@ -131,4 +138,11 @@ class OnnxBackend(TensorBackend):
         return dict(self._session.session.get_modelmeta().custom_metadata_map)
 
     def info(self) -> dict[str, Any]:
-        return {"providers": self._session.session.get_providers() if self._session else []}
+        if self._session is None:
+            return {"providers": []}
+        options = self._session.session.get_session_options()
+        return {
+            "providers": self._session.session.get_providers(),
+            "threads": options.intra_op_num_threads,  # 0: ONNX Runtime's own choice
+            "allow_spinning": self._spinning,
+        }

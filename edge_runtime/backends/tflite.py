@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import BackendError, ModelFileError
 from ..manifest import Manifest, TensorSpec
 from ..tflite_file import check_tflite
-from . import BackendOptions, TensorBackend, check_tensor_names
+from . import BackendOptions, TensorBackend, check_tensor_names, engine_threads
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +222,20 @@ class TfliteBackend(TensorBackend):
         spec = manifest.backend
         if spec.name != "tflite":
             raise BackendError(f"the TFLite backend cannot run a {spec.name} bundle")
-        threads = options.threads if options.threads is not None else spec.intra_op_threads
+        # LiteRT's own choice (0) stays single-threaded on any host: nothing to cap.
+        choice = engine_threads("LiteRT", spec.intra_op_threads, options, zero_counts_cores=False)
         try:
             self._session = TfliteSession(
-                model_dir / manifest.model.path, threads, spec.xnnpack, manifest.model.signature
+                model_dir / manifest.model.path,
+                choice.threads,
+                spec.xnnpack,
+                manifest.model.signature,
             )
         except ModelFileError as exc:
             raise BackendError(f"refusing to load {manifest.model.path}: {exc}") from None
         session = self._session
         check_tensor_names(manifest, list(session.input_indices), list(session.output_indices))
+        self.thread_choice = choice
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:

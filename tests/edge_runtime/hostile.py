@@ -196,3 +196,11 @@ def saved_npz(**arrays: Any) -> bytes:
 
 TIB = 1 << 40
 GIB = 1 << 30
+
+
+def without_thread_note(text: str) -> str:
+    """stderr without the runtime's note that it capped the profile's threads at this
+    host's CPUs (printed on any host with fewer cores than the profile)."""
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not line.startswith("note: threads:")
+    )

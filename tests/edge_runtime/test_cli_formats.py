@@ -156,9 +156,9 @@ def test_selftest_passes(fixture, expected, request, keypair):
     as_json = invoke(edge_runtime_cli, "selftest", bundle, "--pubkey", keypair[1], "--json")
 
     assert plain.exit_code == 0, plain.output
-    assert plain.output.startswith("self-test PASS: ")
+    assert plain.stdout.startswith("self-test PASS: ")
     assert as_json.exit_code == 0, as_json.output
-    report = json.loads(as_json.output)
+    report = json.loads(as_json.stdout)
     assert report["passed"] is True
     if FORMAT_OF[fixture] == "gguf":
         assert "greedy tokens match the build host's" in plain.output

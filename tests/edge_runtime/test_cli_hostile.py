@@ -23,6 +23,7 @@ from tests.edge_runtime.hostile import (
     read_files,
     saved_npz,
     signed_bundle,
+    without_thread_note,
 )
 
 
@@ -40,7 +41,7 @@ def extraction_folders(tmp_path) -> list:
 def assert_one_error_line(completed, phrase: str, tmp_path) -> None:
     assert completed.returncode == 1, completed.stderr
     assert completed.stdout == ""
-    lines = completed.stderr.splitlines()
+    lines = without_thread_note(completed.stderr).splitlines()
     assert len(lines) == 1, completed.stderr
     assert lines[0].startswith("error: ")
     assert phrase in lines[0]
@@ -139,5 +140,5 @@ def test_selftest_with_no_reference_outputs_fails(edge_runtime, cnn_files, keypa
         f"  {VECTORS} holds no reference outputs (reference.NAME), so nothing would be "
         "compared; the bundle was built wrong, rebuild it"
     )
-    assert completed.stderr == ""
+    assert without_thread_note(completed.stderr) == ""
     assert extraction_folders(tmp_path) == []

@@ -76,6 +76,7 @@ def _check_member(
     file_size: int,
     label: str,
     error: type[EdgeRuntimeError],
+    objects_error: type[EdgeRuntimeError],
 ) -> int:
     """The bytes member ``info`` will take once read; refuses anything the file cannot back."""
     name = info.filename
@@ -103,7 +104,7 @@ def _check_member(
     with archive.open(info) as member:
         shape, dtype, header = _header(member, label, name, error)
     if dtype.hasobject:
-        raise error(
+        raise objects_error(
             f"{label}: array {name[: -len(NPY_SUFFIX)]!r} holds Python objects: pickled "
             f"arrays are refused (a pickle can run code); {SAVE_HINT}"
         )
@@ -125,6 +126,7 @@ def read_npz(
     *,
     label: str | None = None,
     budget: int | None = None,
+    objects_error: type[EdgeRuntimeError] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at ``path``, by name, each header checked first.
 
@@ -133,6 +135,9 @@ def read_npz(
         error: the class of the error raised for a bad file.
         label: how messages name the file (default: its path).
         budget: most bytes the arrays may take together (default: this machine's memory).
+        objects_error: the class raised for an array of Python objects (default:
+            ``error``), for a caller whose users make them by accident, e.g. from samples
+            of different shapes, and who says so rather than speak of pickles.
 
     Raises:
         error: the file is missing, not an ``.npz``, truncated, crafted, holds pickled
@@ -157,7 +162,10 @@ def read_npz(
             names = [info.filename for info in infos]
             if twice := sorted({name for name in names if names.count(name) > 1}):
                 raise error(f"{label}: members {twice} appear twice; the file was crafted")
-            needed = sum(_check_member(archive, info, file_size, label, error) for info in infos)
+            needed = sum(
+                _check_member(archive, info, file_size, label, error, objects_error or error)
+                for info in infos
+            )
             if budget is not None and needed > budget:
                 raise error(
                     f"{label}: the arrays need {human_bytes(needed)}, more than the "

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import InputSignatureError
+from edge_runtime import npz_file
+from edge_runtime.errors import EdgeRuntimeError, InputSignatureError
 from edge_runtime.feeding import Feeder, Run
 from edge_runtime.manifest import TensorSpec
 from edge_runtime.runtime import check_inputs
@@ -29,28 +30,44 @@ LABELS_KEY = "labels"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 
 
+class _Refused(EdgeRuntimeError):
+    """What ``edge_runtime.npz_file.read_npz`` refuses; ``read_npz`` raises a DataError."""
+
+
+class _ObjectArray(_Refused):
+    """An array of Python objects: on a build host, nearly always ragged samples."""
+
+
 def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Every array of ``path``, refusing pickled (object) arrays.
+    """Every array of ``path``, each ``.npy`` header checked before anything is allocated.
+
+    The device's reader does the checking (``edge_runtime.npz_file``): a build host is fed
+    the same files, and a header claiming 1 TiB must be one error line here too.
 
     Raises:
-        DataError: a missing or unreadable file, or an object array: ragged samples
-            (arrays must be rectangular; one file per resolution) or pickled content.
+        DataError: a missing or unreadable file; an object array: ragged samples (arrays
+            must be rectangular; one file per resolution) or pickled content; a truncated
+            or crafted file; arrays that need more memory than the machine has.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except ValueError:
+        return npz_file.read_npz(
+            path, _Refused, label=f"{what} file {path}", objects_error=_ObjectArray
+        )
+    except _ObjectArray:
         raise DataError(
             f"{what} file {path} holds an object array: samples of different shapes, or "
             "other Python objects. Each array must be rectangular (every sample the same "
             "shape), saved with np.savez; put each resolution in a file of its own and "
             f"give --{what} once per file"
         ) from None
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{what} file {path} is not a readable .npz: {exc}") from None
+    except _Refused as exc:
+        raise DataError(
+            f"{exc} (--{what} takes an .npz written by np.savez: one array per model "
+            "input, samples first)"
+        ) from None
 
 
 def load_npz(

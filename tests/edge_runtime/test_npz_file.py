@@ -136,6 +136,28 @@ def test_a_missing_file_is_named(tmp_path):
         read_npz(missing, InputSignatureError)
 
 
+class ObjectsRefused(InputSignatureError):
+    """A caller's own class for object arrays (the packager speaks of ragged samples)."""
+
+
+def test_an_object_array_raises_the_callers_objects_error(tmp_path):
+    path = tmp_path / "in.npz"
+    path.write_bytes(saved_npz(image=np.array([{"payload": 1}], dtype=object)))
+
+    with pytest.raises(ObjectsRefused, match="array 'image' holds Python objects"):
+        read_npz(path, InputSignatureError, objects_error=ObjectsRefused)
+
+
+def test_other_refusals_keep_the_error_class_when_an_objects_error_is_given(tmp_path):
+    path = tmp_path / "in.npz"
+    path.write_bytes(claiming(TIB))
+
+    with pytest.raises(InputSignatureError) as caught:
+        read_npz(path, InputSignatureError, objects_error=ObjectsRefused)
+
+    assert type(caught.value) is InputSignatureError
+
+
 ARRAYS = {
     "image": IMAGE,
     "flags": np.array([True, False]),

@@ -9,12 +9,12 @@ next-token distribution with the source model's on the same windows.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime.backends.llamacpp import import_llama_cpp, open_llama
+from edge_runtime.cpus import usable_cpus
 
 from .errors import DataError
 
@@ -122,7 +122,7 @@ def score_model(
     llm = open_llama(
         model_path,
         context_length=window,
-        threads=threads or os.cpu_count() or 1,
+        threads=threads or usable_cpus().count,
         logits_all=True,
         batch=window,
     )

@@ -14,7 +14,6 @@ recorded as not representative and refuse nothing.
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.cpus import usable_cpus
 from edge_runtime.manifest import SpeedCheck
 
 # A candidate is refused below this ratio (float latency / candidate latency). Medians of
@@ -51,9 +51,14 @@ def is_representative(profile_arch: Any, host_arch: str | None = None) -> bool:
 
 
 def host_threads(threads: int) -> int:
-    """The device's thread count, capped at this host's cores (0: every core)."""
-    host_cores = os.cpu_count() or 1
-    return min(threads or host_cores, host_cores)
+    """The device's thread count, capped at the CPUs this process may use (0: all of them).
+
+    The cap is ``usable_cpus``, the runtime's own (affinity and cgroup quota), not the
+    host's core count: in a container limited to 2 CPUs a profile's 8 threads would
+    oversubscribe them and time slower than the device that runs the bundle would.
+    """
+    usable = usable_cpus().count
+    return min(threads or usable, usable)
 
 
 def time_side_by_side(

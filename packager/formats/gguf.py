@@ -6,7 +6,6 @@ types to try in ``gguf.quant_types``, most compressed first.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from edge_runtime.cpus import usable_cpus
 from edge_runtime.errors import ModelFileError
 from edge_runtime.gguf import GGUF_FILE_TYPES, read_gguf
 from edge_runtime.manifest import (
@@ -228,7 +228,7 @@ def record_selftest(model: Path, count: int) -> TokenSelfTestSpec:
     """Greedy-decode the self-test prompt on the chosen model, with the runtime's own code."""
     from edge_runtime.backends.llamacpp import greedy_continuation, open_llama
 
-    llm = open_llama(model, context_length=256, threads=os.cpu_count() or 1)
+    llm = open_llama(model, context_length=256, threads=usable_cpus().count)
     try:
         tokens, margins = greedy_continuation(llm, SELFTEST_PROMPT, count)
         text = llm.detokenize(tokens).decode(errors="replace")

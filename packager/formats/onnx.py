@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
+from edge_runtime.cpus import usable_cpus
 from edge_runtime.manifest import OnnxBackendSpec
 
 from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
@@ -142,7 +142,7 @@ def host_session(
             "allow_spinning": backend.allow_spinning,
         }
     return OnnxSession(
-        path, threads=threads or os.cpu_count() or 1, providers=["CPUExecutionProvider"], **options
+        path, threads=threads or usable_cpus().count, providers=["CPUExecutionProvider"], **options
     )
 
 

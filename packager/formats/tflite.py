@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
+from edge_runtime.cpus import usable_cpus
 from edge_runtime.manifest import TfliteBackendSpec
 
 from .base import DeviceRuntime, ProfileSection, Recipe, Step, check_names, recipes_by_name
@@ -84,14 +84,14 @@ def host_session(
     from edge_runtime.backends.tflite import TfliteSession
 
     xnnpack = backend.xnnpack if backend is not None else True
-    return TfliteSession(path, threads or os.cpu_count() or 1, xnnpack)
+    return TfliteSession(path, threads or usable_cpus().count, xnnpack)
 
 
 def reference_kernels(path: Path) -> TfliteSession:
     """The model on LiteRT's built-in kernels, XNNPACK off (the self-test's second path)."""
     from edge_runtime.backends.tflite import TfliteSession
 
-    return TfliteSession(path, os.cpu_count() or 1, False)
+    return TfliteSession(path, usable_cpus().count, False)
 
 
 def signature(path: Path) -> tuple[list, list]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from edge_runtime.backends.llamacpp import import_llama_cpp
+from edge_runtime.cpus import usable_cpus
 
 from ..errors import ModelValidationError
 from ..formats.gguf import QUANT_TYPES, check_quant_type, read_source
@@ -62,7 +63,7 @@ class GgufValidate(Pass):
 
 class GgufQuantizeConfig(PassConfig):
     quant_type: str = Field(description="llama.cpp quantization type, e.g. Q4_K_M or Q8_0")
-    threads: int = Field(0, ge=0, description="quantizer threads; 0 = every core of this host")
+    threads: int = Field(0, ge=0, description="quantizer threads; 0 = every usable CPU")
     allow_requantize: bool = Field(False, description="let llama.cpp requantize quantized data")
 
     @field_validator("quant_type")
@@ -103,7 +104,7 @@ class GgufQuantize(Pass):
         output = out_dir / f"model-{quant_type}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = QUANT_TYPES[quant_type]
-        params.nthread = self.config.threads or os.cpu_count() or 1
+        params.nthread = self.config.threads or usable_cpus().count
         params.allow_requantize = self.config.allow_requantize
         log_path = out_dir / "llama-quantize.log"
         with native_output_to(log_path):

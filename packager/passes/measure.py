@@ -9,7 +9,6 @@ The worker reports load time and peak memory the same way for every format (see
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -18,15 +17,12 @@ from typing import Any
 
 from pydantic import Field
 
+from edge_runtime.cpus import usable_cpus
+
 from ..data import save_npz_deterministic
 from ..formats import formats, get_format
+from ..speed import host_threads
 from .base import ModelArtifact, Pass, PassConfig, PassContext, PassFailedError, PassOutput
-
-
-def host_threads(threads: int) -> int:
-    """The device's thread count, capped at this host's cores (0: every core)."""
-    host_cores = os.cpu_count() or 1
-    return min(threads or host_cores, host_cores)
 
 
 def run_worker(out_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
@@ -45,9 +41,17 @@ def run_worker(out_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
     if done.returncode != 0:
         raise PassFailedError(f"measuring failed: {done.stderr.strip()[-2000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    host = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count() or 1} cores"
-    figures["host"] = " ".join(host.split())
+    figures["host"] = host_description()
     return figures
+
+
+def host_description() -> str:
+    """This host as the figures were taken on it, e.g. "x86_64 16 cores, 2 usable
+    (affinity)": a build limited to fewer CPUs than the host has times with fewer."""
+    cpus = usable_cpus()
+    usable = f", {cpus.count} usable ({cpus.reason})" if cpus.restricted else ""
+    host = f"{platform.machine()} {platform.processor() or ''} {cpus.cores} cores{usable}"
+    return " ".join(host.split())
 
 
 class MeasureConfig(PassConfig):

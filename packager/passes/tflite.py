@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from edge_runtime.cpus import usable_cpus
 from edge_runtime.errors import BackendError, ModelFileError
 from edge_runtime.tflite_file import check_tflite
 
@@ -307,7 +307,7 @@ class TfliteQuantize(Pass):
     def _calibrate(self, engine, path: Path, data: dict[str, list]) -> dict:
         """Activation ranges over the calibration samples, as the config says."""
         if self.config.calibration == "moving-average":
-            return engine.calibrate(data, num_threads=os.cpu_count() or 1)
+            return engine.calibrate(data, num_threads=usable_cpus().count)
         from ai_edge_quantizer import calibrator
         from ai_edge_quantizer.utils import qsv_utils
 
@@ -317,7 +317,7 @@ class TfliteQuantize(Pass):
         # clipped the face-flag logit at 26 (the float model reaches 52) and moved the
         # landmarks by up to 2.6 px per face on average; min-max: 1.4 px, no clipping.
         engine_calibrator = calibrator.Calibrator(
-            str(path), num_threads=os.cpu_count() or 1, qsv_update_func=qsv_utils.min_max_update
+            str(path), num_threads=usable_cpus().count, qsv_update_func=qsv_utils.min_max_update
         )
         engine_calibrator.calibrate(data, engine._recipe_manager)
         return engine_calibrator.get_model_qsvs()

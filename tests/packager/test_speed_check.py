@@ -7,7 +7,12 @@ at about 0.7x the speed of fp32 (0.67-0.69x measured side by side here), far bel
 0.95 refusal line, so the test does not depend on noise.
 """
 
+import json
+import os
 import platform
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,3 +243,46 @@ def test_side_by_side_timing_tells_the_faster_one():
     )
 
     assert reference_ms > candidate_ms * 2
+
+
+# A process pinned to one CPU, as `taskset -c 0` or a container's cpuset pins a build: what
+# the build host times with, and says it timed with.
+PINNED = """
+import json, os, sys
+from packager.speed import host_threads
+before = [host_threads(8), host_threads(0)]
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from packager.formats.onnx import host_session
+from packager.passes.measure import host_description
+session = host_session(sys.argv[1]).session
+print(json.dumps({
+    "before": before,
+    "after": [host_threads(8), host_threads(0)],
+    "onnx": session.get_session_options().intra_op_num_threads,
+    "host": host_description(),
+}))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pinning needs sched_setaffinity and at least 2 CPUs to pin from",
+)
+def test_a_build_pinned_to_one_cpu_times_with_one_thread(digits_example):
+    from edge_runtime.cpus import usable_cpus
+
+    completed = subprocess.run(
+        [sys.executable, "-c", PINNED, str(digits_example.model)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    facts = json.loads(completed.stdout.splitlines()[-1])
+    usable = usable_cpus().count
+    assert facts["before"] == [min(8, usable), usable]
+    assert facts["after"] == [1, 1]
+    assert facts["onnx"] == 1
+    # a cgroup quota of one CPU would name itself first; otherwise the affinity does
+    assert re.search(r" \d+ cores, 1 usable \((affinity|cgroup .*)\)$", facts["host"])

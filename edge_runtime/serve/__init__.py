@@ -1,0 +1,1 @@
+"""`edge-runtime serve`: the device's inference service (see docs/serve.md)."""

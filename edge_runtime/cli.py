@@ -13,6 +13,7 @@ from .cli_options import settings_options
 from .cli_support import (
     CliState,
     EdgeGroup,
+    OptionError,
     cli_state,
     json_requested,
     run_cli,
@@ -186,6 +187,74 @@ def info(
         click.echo(summary_json(verified.manifest_bytes, verified.key_id))
     else:
         click.echo(summary_text(verified.manifest, verified.key_id))
+
+
+@cli.command("systemd-unit", context_settings={"ignore_unknown_options": True})
+@click.argument("serve_args", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option(
+    "--user",
+    default="edgepack",
+    show_default=True,
+    help="The dedicated system user the service runs as (create it first).",
+)
+@click.option(
+    "--watchdog-sec",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="systemd restarts the service when its serving loop stops answering this long.",
+)
+@click.option(
+    "--executable",
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True, path_type=Path),
+    help="The edge-runtime program to run; default: this one.",
+)
+def systemd_unit(
+    serve_args: tuple[str, ...], user: str, watchdog_sec: int, executable: Path | None
+) -> None:
+    """Print a systemd unit running `edge-runtime serve SERVE_ARGS...` (docs/serve-systemd.md).
+
+    SERVE_ARGS are the serve command's bundles and options, e.g.
+    `edge-runtime systemd-unit /opt/models/digits.edgepkg --pubkey /etc/edgepack/pub.pem
+    --port 8000 > /etc/systemd/system/edge-runtime.service`. Relative paths that exist
+    here are made absolute (systemd starts the service in /). Put serve options that
+    systemd-unit also takes (--user, -v, --json, ...) after `--`.
+    """
+    from .serve.systemd import unit_file
+
+    program = [str(executable)] if executable else _this_program()
+    words = [_absolute(word) for word in serve_args]
+    click.echo(unit_file([*program, "serve", *words], user=user, watchdog_s=watchdog_sec), nl=False)
+
+
+# Files a serve argument may name: a relative one that does not exist here is a mistake.
+_FILE_SUFFIXES = {".edgepkg", ".pem", ".key", ".crt", ".yaml", ".yml", ".json"}
+
+
+def _absolute(word: str) -> str:
+    """``word`` with a relative path made absolute (also after ``NAME=`` or ``--opt=``)."""
+    head, sep, path = word.rpartition("=")
+    if not path or path.startswith("-") or "://" in path or Path(path).is_absolute():
+        return word
+    if Path(path).exists():
+        return f"{head}{sep}{Path(path).resolve()}"
+    if Path(path).suffix in _FILE_SUFFIXES:
+        raise OptionError(
+            f"{path} does not exist here: give the path the device will have, absolute "
+            "(systemd starts the service in /)"
+        )
+    return word
+
+
+def _this_program() -> list[str]:
+    """How to start this edge-runtime again: its console script, else this Python."""
+    import shutil
+    import sys
+
+    script = shutil.which("edge-runtime")
+    if script:
+        return [str(Path(script).resolve())]
+    return [sys.executable, "-m", "edge_runtime.cli"]
 
 
 @cli.command()

@@ -152,3 +152,88 @@ class Watchdog:
             was_healthy = healthy
             if self._stop.wait(self.interval_s):
                 return
+
+
+# The unit `edge-runtime systemd-unit` prints (docs/serve-systemd.md explains installing it).
+UNIT_TEMPLATE = """\
+[Unit]
+Description=edge-runtime serve: on-device inference over HTTP and gRPC
+After=network-online.target
+Wants=network-online.target
+# Give up after {start_limit_burst} failed starts in {start_limit_interval_s} s
+# (`systemctl reset-failed` re-arms it).
+StartLimitIntervalSec={start_limit_interval_s}
+StartLimitBurst={start_limit_burst}
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={exec_start}
+User={user}
+Group={user}
+Restart=on-failure
+RestartSec=5
+WatchdogSec={watchdog_s}
+# Verifying, loading and self-testing a model can take a while on a small device.
+TimeoutStartSec={start_timeout_s}
+# SIGTERM: stop accepting, drain in-flight requests, flush telemetry.
+TimeoutStopSec={stop_timeout_s}
+# EDGEPACK_HOME holds the telemetry outbox and boot counter: with /tmp, the only places
+# the service may write.
+Environment=PYTHONUNBUFFERED=1 EDGEPACK_HOME=/var/lib/edgepack
+StateDirectory=edgepack
+UMask=0077
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def unit_file(
+    command: list[str],
+    *,
+    user: str = "edgepack",
+    watchdog_s: int = 30,
+    start_timeout_s: int = 300,
+    stop_timeout_s: int = 30,
+    start_limit_burst: int = 5,
+    start_limit_interval_s: int = 600,
+) -> str:
+    """A ``Type=notify`` systemd unit that runs ``command`` (absolute program path first)
+    as ``user``, restarted on failure and by the watchdog, within a start limit."""
+    return UNIT_TEMPLATE.format(
+        exec_start=" ".join(_systemd_quote(word) for word in command),
+        user=user,
+        watchdog_s=watchdog_s,
+        start_timeout_s=start_timeout_s,
+        stop_timeout_s=stop_timeout_s,
+        start_limit_burst=start_limit_burst,
+        start_limit_interval_s=start_limit_interval_s,
+    )
+
+
+def _systemd_quote(word: str) -> str:
+    """One ExecStart word: systemd expands %specifiers and $VARIABLES even inside quotes,
+    so both are doubled; whitespace, quotes and backslashes need double quotes."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if word and not any(c.isspace() or c in "\"'\\;" for c in word):
+        return word
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'

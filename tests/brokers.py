@@ -118,3 +118,67 @@ class PostgresDatabase:
 
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of its own (initdb in a fresh folder), which a test may stop.
+
+    For outages: the shared server on :5432 must never be stopped. initdb refuses to run as
+    root, so as root the server runs as the ``postgres`` user, in a folder it owns.
+    """
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        bin_dir = next(
+            (Path(p).parent for p in [shutil.which("initdb")] if p),
+            None,
+        )
+        if bin_dir is None:
+            raise FileNotFoundError("initdb is not on PATH")
+        self.bin = bin_dir
+        self.folder = Path(tempfile.mkdtemp(prefix="edgepack-pg-", dir="/tmp"))
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.folder, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bin / tool), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=self.folder,
+        )
+
+    def start(self) -> PrivatePostgres:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off"
+        log = str(self.folder / "postgres.log")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop at once (fast mode: open connections are cut, as in a crash or failover)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        import shutil
+
+        subprocess.run(
+            [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+             "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )  # fmt: skip
+        shutil.rmtree(self.folder, ignore_errors=True)

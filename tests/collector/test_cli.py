@@ -110,7 +110,7 @@ def test_migrate_lists_the_applied_migrations(tmp_path):
     output, _ = done.communicate(timeout=30)
 
     assert done.returncode == 0
-    assert output.strip() == "applied: 0001_initial"
+    assert output.strip() == "applied: 0001_initial, 0002_quarantine_boot_ends"
 
 
 @pytest.mark.parametrize(
@@ -241,4 +241,4 @@ def test_migrate_json(tmp_path):
     result = CliRunner().invoke(cli, ["--json", "migrate", "--db", db])
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"applied": ["0001_initial"]}
+    assert json.loads(result.output) == {"applied": ["0001_initial", "0002_quarantine_boot_ends"]}

@@ -8,6 +8,7 @@ the fleet's topics never stops ingest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -319,3 +320,105 @@ def test_junk_on_fleet_topics_is_counted_and_ingest_goes_on(mosquitto, tmp_path)
 
     assert dict(stats.rejected) == {reason: 1 for reason in junk}
     assert still_connected
+
+
+def probe_publisher(port: int, client_id: str = "probe-publisher") -> mqtt.Client:
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    return publisher
+
+
+def probe_event(seq: int, event: str = "probe", **changes) -> bytes:
+    body = {"schema": 1, "ts": time.time(), "boot": 1, "seq": seq, "event": event, "data": {}}
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+def test_hostile_messages_are_quarantined_and_the_next_good_one_is_stored_within_seconds(
+    mosquitto, tmp_path
+):
+    from tests.collector.test_ingest import install_refusing_trigger
+
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = start_collector(mosquitto.url, db_url, "collector-h")
+    install_refusing_trigger(collector.storage)  # events named "poison" are refused
+    publisher = probe_publisher(mosquitto.port)
+    good = f"edgepack/v1/{FLEET}/dev-h/events"
+    hostile = {
+        "oversized": (good, b'{"schema": 1, "data": "' + b"x" * (3 << 20) + b'"}'),
+        "seq-2^64": (good, probe_event(90).replace(b'"seq": 90', f'"seq": {2**64}'.encode())),
+        "boot-2^63": (
+            f"edgepack/v1/{FLEET}/dev-h/status",
+            f'{{"schema": 1, "ts": 1.0, "state": "online", "boot": {2**63}}}'.encode(),
+        ),
+        "nan": (good, probe_event(91).replace(b'"ts": ', b'"ts": NaN, "x": ')),
+        "long-device-id": (f"edgepack/v1/{FLEET}/{'d' * 20_000}/events", probe_event(92)),
+        "bidi-device-id": (f"edgepack/v1/{FLEET}/dev\u202eh/events", probe_event(93)),
+        "poison": (good, probe_event(94, event="poison")),
+    }
+    waited = {}
+    try:
+        for seq, (name, (topic, payload)) in enumerate(hostile.items(), start=1):
+            publisher.publish(topic, payload, qos=1).wait_for_publish(10)
+            publisher.publish(good, probe_event(seq), qos=1).wait_for_publish(10)
+            started = time.monotonic()
+            wait_until(
+                lambda seq=seq: (1, seq) in collector.storage.stream_keys("dev-h"),
+                10,
+                f"the good message after {name}",
+            )
+            waited[name] = time.monotonic() - started
+        rows = collector.storage.quarantined()
+        stats = collector.ingestor.stats
+        connected, reconnects = collector.connected.is_set(), collector.reconnects
+    finally:
+        publisher.loop_stop()
+        stop_collector(collector)
+
+    assert sorted(row["reason"] for row in rows) == sorted(
+        ["oversized", "invalid_field", "invalid_field", "invalid_field", "bad_topic",
+         "bad_topic", "storage_refused"]
+    )  # fmt: skip
+    oversized = next(row for row in rows if row["reason"] == "oversized")
+    assert oversized["size"] == len(hostile["oversized"][1])
+    assert oversized["payload"] == hostile["oversized"][1][: len(oversized["payload"])]
+    assert stats.quarantined == len(hostile)
+    assert max(waited.values()) < 5, waited
+    assert (connected, reconnects) == (True, 0)  # the 3 MiB packet dropped no connection
+
+
+def test_a_database_outage_holds_the_acknowledgements_and_loses_nothing(
+    mosquitto, tmp_path, caplog
+):
+    from tests.brokers import PrivatePostgres
+
+    postgres = PrivatePostgres().start()
+    publisher = probe_publisher(mosquitto.port)
+    topic = f"edgepack/v1/{FLEET}/dev-o/events"
+    try:
+        collector = start_collector(mosquitto.url, postgres.url, "collector-o")
+        for seq in range(1, 21):
+            publisher.publish(topic, probe_event(seq), qos=1).wait_for_publish(10)
+        wait_until(lambda: len(collector.storage.stream_keys("dev-o")) == 20, 20, "20 stored")
+
+        postgres.stop()  # an outage: not any message's fault
+        for seq in range(21, 61):
+            publisher.publish(topic, probe_event(seq), qos=1).wait_for_publish(10)
+        with caplog.at_level(logging.WARNING, logger="collector.service"):
+            wait_until(lambda: "does not take writes" in caplog.text, 20, "the outage")
+        during = collector.ingestor.stats
+        quarantined, failed = during.quarantined, during.quarantine_failed
+        # Stopped mid-outage: what it held was never acknowledged, so the broker keeps it.
+        stop_collector(collector)
+        postgres.start()
+        collector = start_collector(mosquitto.url, postgres.url, "collector-o")
+        wait_for_keys(collector.storage, "dev-o", [(1, seq) for seq in range(1, 61)], mosquitto)
+        rows = collector.storage.quarantined()
+        stop_collector(collector)
+    finally:
+        publisher.loop_stop()
+        postgres.remove()
+
+    assert (quarantined, failed) == (0, 0)
+    assert rows == []

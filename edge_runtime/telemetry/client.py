@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .. import __version__
 from ..settings import MqttSettings
 from .aggregate import InferenceStats, VitalSigns, device_facts
 from .outbox import Outbox
-from .protocol import SCHEMA_VERSION, Kind, check_name, topic
+from .protocol import SCHEMA_VERSION, Command, CommandPayload, Kind, check_name, topic
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class TelemetryClient:
         self._reporting_done = threading.Event()
         self._wake = threading.Event()
         self._acked_mids: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self._commands: collections.deque[bytes] = collections.deque()
         self._last_refusal = ""
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (outbox id, sent at)
         self._last_sent_id = 0
@@ -132,6 +133,7 @@ class TelemetryClient:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
         self._client = client
         client.connect_async(host, port, keepalive=s.keepalive_s)
         client.loop_start()
@@ -153,9 +155,9 @@ class TelemetryClient:
         self._wake.set()
         self._threads[0].join(timeout=5)
         if self.connected.is_set():
-            info = self._client.publish(
-                self._topic(Kind.STATUS), self._status("offline", "shutdown"), 1, True
-            )
+            # The boot's last seq: if its tail is lost, the collector counts it as missing.
+            status = self._status("offline", "shutdown", last_seq=self._outbox.last_seq())
+            info = self._client.publish(self._topic(Kind.STATUS), status, 1, True)
             info.wait_for_publish(timeout=2)
         self._client.disconnect()
         self._client.loop_stop()
@@ -201,16 +203,17 @@ class TelemetryClient:
     def _topic(self, kind: Kind) -> str:
         return topic(self.settings.fleet, self.settings.device_id, kind)
 
-    def _status(self, state: str, reason: str) -> bytes:
-        return _json(
-            {
-                "schema": SCHEMA_VERSION,
-                "ts": time.time(),
-                "state": state,
-                "boot": self.boot,
-                "reason": reason,
-            }
-        )
+    def _status(self, state: str, reason: str, last_seq: int | None = None) -> bytes:
+        body = {
+            "schema": SCHEMA_VERSION,
+            "ts": time.time(),
+            "state": state,
+            "boot": self.boot,
+            "reason": reason,
+        }
+        if last_seq is not None:
+            body["last_seq"] = last_seq
+        return _json(body)
 
     def _put(self, kind: Kind, body: dict[str, Any]) -> int:
         if self._outbox is None:
@@ -248,6 +251,10 @@ class TelemetryClient:
             "device": device_facts(),
             "bundle": self._bundle,
         }
+        previous = self._outbox.previous_last_seq if self._outbox is not None else None
+        if previous is not None:
+            # What the last boot committed: its lost tail is missing, not invisible.
+            body["previous_boot_last_seq"] = previous
         self._client.publish(self._topic(Kind.BIRTH), _json(body), 1, True)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -261,6 +268,7 @@ class TelemetryClient:
             return
         client.publish(self._topic(Kind.STATUS), self._status("online", "connected"), 1, True)
         self._publish_birth()
+        client.subscribe(self._topic(Kind.CMD), qos=1)  # requests to this device
         self.connected.set()
         self._wake.set()
 
@@ -292,11 +300,29 @@ class TelemetryClient:
         )
         self._wake.set()
 
+    def _on_message(self, client, userdata, message) -> None:
+        # paho's thread: only hand over; the publisher answers (the answer is an outbox write).
+        self._commands.append(bytes(message.payload))
+        self._wake.set()
+
+    def _answer_commands(self) -> None:
+        while self._commands:
+            payload = self._commands.popleft()
+            try:
+                command = CommandPayload.model_validate_json(payload)
+            except ValidationError as exc:
+                log.warning("ignored a malformed command on %s: %s", self._topic(Kind.CMD), exc)
+                continue
+            if command.command is Command.REPORT_COUNTS:
+                counts = self._outbox.counts()  # as of just before this answer
+                self.event("outbox_counts", request_id=command.id, **counts)
+
     def _publisher(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             try:
+                self._answer_commands()
                 self._settle_acks()
                 if self.connected.is_set():
                     self._send_more()

@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+_BUMP_COMMITTED = (
+    "INSERT INTO meta(key, value) VALUES('committed', 1) "
+    "ON CONFLICT(key) DO UPDATE SET value = value + 1"
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Outbox:
             "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox"
         ).fetchone()
         self._bytes, self._depth = int(row[0]), int(row[1])
+        self.previous_last_seq: int | None = None
 
     # -- counters kept in the same database, so they survive restarts -------------------
     def _get(self, key: str) -> int:
@@ -70,13 +75,38 @@ class Outbox:
         return self._get(key)
 
     def next_boot(self) -> int:
-        """Increment and return the boot counter and restart ``seq`` (once per process start)."""
+        """Increment and return the boot counter and restart ``seq`` (once per process start).
+
+        The seq the previous boot reached is kept in ``previous_last_seq`` (None on a first
+        boot): the device reports it, so a collector counts a lost tail as missing.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             boot = self._add("boot", 1)
+            self.previous_last_seq = self._get("seq") if boot > 1 else None
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('seq', 0)")
             self._db.execute("COMMIT")
             return boot
+
+    def counts(self) -> dict[str, int]:
+        """The device's own record: boot, last seq, messages committed and dropped, depth.
+
+        ``committed`` counts every message put since the state dir was made (or since this
+        counter was added to it); ``dropped`` those the bounds or the broker threw away.
+        """
+        with self._lock:
+            return {
+                "boot": self._get("boot"),
+                "seq": self._get("seq"),
+                "committed": self._get("committed"),
+                "dropped": self._get("dropped"),
+                "depth": self._depth,
+            }
+
+    def last_seq(self) -> int:
+        """The last seq this boot committed."""
+        with self._lock:
+            return self._get("seq")
 
     @property
     def dropped(self) -> int:
@@ -95,6 +125,7 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._add("seq", 1)
+                self._db.execute(_BUMP_COMMITTED)
                 payload = make_payload(seq)
                 self._db.execute(
                     "INSERT INTO outbox(topic, payload, created) VALUES (?, ?, ?)",

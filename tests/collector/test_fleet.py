@@ -422,3 +422,52 @@ def test_a_database_outage_holds_the_acknowledgements_and_loses_nothing(
 
     assert (quarantined, failed) == (0, 0)
     assert rows == []
+
+
+def forget_broker_state(broker) -> None:
+    """Restart the broker without its saved state, as a crash before any autosave leaves it."""
+    broker.stop()
+    (broker.folder / "mosquitto.db").unlink()
+    broker.start()
+
+
+def test_a_broker_that_forgot_the_collectors_session_is_warned_about(mosquitto, tmp_path, caplog):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    caplog.set_level(logging.INFO, logger="collector.service")
+    collector = start_collector(mosquitto.url, db_url, "collector-s")
+    mosquitto.stop()
+    mosquitto.start()  # state saved and restored: the session lives on
+    wait_until(lambda: collector.reconnects == 1 and collector.subscribed.is_set(), 20, "back")
+    kept = collector.sessions_lost
+
+    forget_broker_state(mosquitto)
+    wait_until(lambda: collector.sessions_lost == 1, 20, "the lost session to be noticed")
+    stop_collector(collector)
+    forget_broker_state(mosquitto)  # and again while no collector runs: the database knows
+    restarted = start_collector(mosquitto.url, db_url, "collector-s")
+    restarted_lost = restarted.sessions_lost
+    events = restarted.storage.collector_events()
+    stop_collector(restarted)
+
+    assert kept == 0
+    assert restarted_lost == 1
+    assert [e["event"] for e in events] == ["session_lost", "session_lost"]
+    assert "collector-s a new session" in events[0]["message"]
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "new session" in r.message
+    ]
+    assert len(warnings) == 2
+    assert "collector/mosquitto.conf" in warnings[0].message
+
+
+def test_a_session_that_expired_while_the_collector_was_away_is_no_alarm(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = start_collector(mosquitto.url, db_url, "collector-x", session_expiry_s=1)
+    stop_collector(collector)
+    time.sleep(2.5)  # longer than the session expiry: the broker rightly let it go
+
+    again = start_collector(mosquitto.url, db_url, "collector-x", session_expiry_s=1)
+    lost = again.sessions_lost
+    stop_collector(again)
+
+    assert lost == 0

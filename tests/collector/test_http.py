@@ -433,3 +433,39 @@ def test_the_largest_valid_numbers_are_read_on_every_backend(db_url):
     assert value(families["edgepack_device_missing_messages"], device="huge-1") == pytest.approx(
         2 * (INT64_MAX - 1)
     )
+
+
+def test_quarantine_lists_what_was_refused_with_the_start_of_its_payload(fleet):
+    _, _, base = fleet
+
+    code, rows = get_json(f"{base}/api/quarantine")
+
+    assert code == 200
+    (row,) = rows
+    assert (row["topic"], row["reason"]) == ("edgepack/v1/shop/pi-01/metrics", "malformed_json")
+    assert row["payload_start"] == "{not json"
+    assert row["size"] == len(b"{not json")
+    assert row["error"].startswith("edgepack/v1/shop/pi-01/metrics: Invalid JSON: ")
+
+
+def test_collector_events_are_served_and_the_page_shows_them(tmp_path):
+    storage = Storage(f"sqlite:///{tmp_path / 'fleet.db'}")
+    storage.add_collector_event("collector-1", "warning", "session_lost", "the broker forgot us")
+    server = make_server(storage, IngestStats())
+    thread = serve_in_thread(server)
+    base = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        code, events = get_json(f"{base}/api/collector/events")
+        _, _, page = get(f"{base}/")
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+        storage.close()
+
+    assert code == 200
+    assert [(e["client_id"], e["event"], e["message"]) for e in events] == [
+        ("collector-1", "session_lost", "the broker forgot us")
+    ]
+    assert b'id="collector-events"' in page
+    assert b'getJSON("/api/collector/events")' in page

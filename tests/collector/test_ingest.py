@@ -565,3 +565,33 @@ def test_a_batch_waits_out_a_locked_database_and_nothing_is_quarantined(tmp_path
     assert (ingestor.stats.stored, ingestor.stats.quarantined) == (1, 0)
     other.close()
     storage.close()
+
+
+def test_the_tail_a_device_reports_counts_as_missing(ingestor, storage):
+    now = time.time()
+    birth_2 = {**birth_payload(2, now), "previous_boot_last_seq": 7}  # boot 1 ended at 7
+    birth_4 = {**birth_payload(4, now), "previous_boot_last_seq": 5}  # boot 3: nothing stored
+    shutdown = {**status_payload("offline", 2, now, "shutdown"), "last_seq": 4}
+
+    ingestor.ingest(
+        [raw(Kind.METRICS, metrics_payload(1, seq, now)) for seq in (1, 2, 3)]
+        + [raw(Kind.BIRTH, birth_2, retained=True), raw(Kind.EVENTS, event_payload(2, 1, now))]
+        + [raw(Kind.STATUS, shutdown, retained=True), raw(Kind.BIRTH, birth_4, retained=True)]
+    )
+    before = storage.device("pi-1")
+    ingestor.ingest([raw(Kind.BIRTH, birth_2, retained=True)])  # retained: resent on subscribe
+    ingestor.ingest([raw(Kind.METRICS, metrics_payload(1, seq, now)) for seq in (4, 5, 6, 7)])
+    after = storage.device("pi-1")
+
+    # boot 1: 3 of 7; boot 2: 1 of 4; boot 3: 0 of 5
+    assert (before["messages"], before["missing_messages"]) == (4, 4 + 3 + 5)
+    assert (after["messages"], after["missing_messages"]) == (8, 3 + 5)
+
+
+def test_a_tail_report_never_lowers_what_was_stored(ingestor, storage):
+    now = time.time()
+    late = {**birth_payload(2, now), "previous_boot_last_seq": 2}  # says 2, yet 5 arrived
+
+    ingestor.ingest([raw(Kind.EVENTS, event_payload(1, 5, now)), raw(Kind.BIRTH, late)])
+
+    assert storage.device("pi-1")["missing_messages"] == 4

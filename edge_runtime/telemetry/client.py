@@ -28,10 +28,19 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from .. import __version__
+from ..errors import TelemetryError
 from ..settings import MqttSettings
 from .aggregate import InferenceStats, VitalSigns, device_facts
 from .outbox import Outbox
-from .protocol import SCHEMA_VERSION, Command, CommandPayload, Kind, check_name, topic
+from .protocol import (
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
+    Command,
+    CommandPayload,
+    Kind,
+    check_name,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,13 @@ class TelemetrySettings(MqttSettings):
     outbox_max_mb: float = Field(64.0, gt=0, description="outbox size bound; oldest dropped first")
     outbox_max_age_h: float = Field(168.0, gt=0, description="messages older than this are dropped")
     window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight")
+    resend_acked_s: float = Field(
+        10.0,
+        ge=0,
+        description="after each (re)connect, send again what the broker acknowledged in the "
+        "last this-many seconds before: a broker that crashed before saving it lost it "
+        "(the collector drops duplicates)",
+    )
 
     @field_validator("fleet", "device_id")
     @classmethod
@@ -85,6 +101,9 @@ class TelemetryClient:
         self._wake = threading.Event()
         self._acked_mids: collections.deque[tuple[int, bool, str]] = collections.deque()
         self._commands: collections.deque[bytes] = collections.deque()
+        self._resend_due = False  # set on connect: send the recently acknowledged again
+        self._resent_mids: set[int] = set()
+        self.resent = 0
         self._last_refusal = ""
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (outbox id, sent at)
         self._last_sent_id = 0
@@ -103,6 +122,7 @@ class TelemetryClient:
             state_dir / "outbox.db",
             max_bytes=int(self.settings.outbox_max_mb * 2**20),
             max_age_s=self.settings.outbox_max_age_h * 3600,
+            keep_acked_s=self.settings.resend_acked_s,
         )
         self.boot = self._outbox.next_boot()
         self._vitals = VitalSigns(state_dir)
@@ -196,7 +216,12 @@ class TelemetryClient:
             self._publish_birth()
 
     def event(self, name: str, level: str = "info", **data: Any) -> int:
-        """Queue an ``events`` message; returns its seq."""
+        """Queue an ``events`` message; returns its seq.
+
+        Raises:
+            TelemetryError: the message would be larger than a collector accepts (64 KiB);
+                nothing is queued and no seq is used.
+        """
         return self._put(Kind.EVENTS, {"event": name, "level": level, "data": data})
 
     # -- internals -----------------------------------------------------------------------
@@ -220,9 +245,18 @@ class TelemetryClient:
             raise RuntimeError("TelemetryClient.start() was not called")
 
         def make(seq: int) -> bytes:
-            return _json(
+            payload = _json(
                 {"schema": SCHEMA_VERSION, "ts": time.time(), "boot": self.boot, "seq": seq, **body}
             )
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                # Refused here, not at the broker: Mosquitto drops the connection of a client
+                # that sends more than its message_size_limit, and paho would resend it on
+                # every reconnect, holding up everything behind it.
+                raise TelemetryError(
+                    f"{kind.value} message of {len(payload)} bytes: a collector accepts at "
+                    f"most {MAX_PAYLOAD_BYTES}; keep event data small"
+                )
+            return payload
 
         seq = self._outbox.put(self._topic(kind), make)
         self._wake.set()
@@ -239,7 +273,8 @@ class TelemetryClient:
         seq = self._put(Kind.METRICS, figures)
         if self._last_error is not None and figures["errors"]:
             error, self._last_error = self._last_error, None
-            self.event("inference_error", "error", message=error, count=figures["errors"])
+            message = error if len(error) <= 2000 else error[:2000] + "…"
+            self.event("inference_error", "error", message=message, count=figures["errors"])
         return seq
 
     def _publish_birth(self) -> None:
@@ -269,6 +304,7 @@ class TelemetryClient:
         client.publish(self._topic(Kind.STATUS), self._status("online", "connected"), 1, True)
         self._publish_birth()
         client.subscribe(self._topic(Kind.CMD), qos=1)  # requests to this device
+        self._resend_due = True
         self.connected.set()
         self._wake.set()
 
@@ -322,6 +358,8 @@ class TelemetryClient:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             try:
+                if self._resend_due and self.connected.is_set():
+                    self._resend_acknowledged()  # before settling acks: they purge it
                 self._answer_commands()
                 self._settle_acks()
                 if self.connected.is_set():
@@ -331,10 +369,27 @@ class TelemetryClient:
                 log.exception("telemetry publisher error; retrying")
                 time.sleep(0.5)
 
+    def _resend_acknowledged(self) -> None:
+        """Send again what the broker acknowledged shortly before this connection.
+
+        A broker acknowledges a message before it saves it; one that crashed in between came
+        back without it. The copies are duplicates for a broker that did not crash, and the
+        collector stores each (device, boot, seq) once.
+        """
+        self._resend_due = False
+        self._resent_mids.clear()  # earlier copies still in flight settle nothing either way
+        for message in self._outbox.acknowledged():
+            info = self._client.publish(message.topic, message.payload, qos=1)
+            self._resent_mids.add(info.mid)
+            self.resent += 1
+
     def _settle_acks(self) -> None:
         delivered, refused = [], []
         while self._acked_mids:
             mid, failed, reason = self._acked_mids.popleft()
+            if mid in self._resent_mids:  # a copy of a settled message: nothing to do
+                self._resent_mids.discard(mid)
+                continue
             entry = self._inflight.pop(mid, None)
             if entry is None:
                 continue

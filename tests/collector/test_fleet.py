@@ -14,15 +14,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from collector.service import Collector
 from collector.settings import CollectorSettings
 from collector.storage import Storage
 from edge_runtime.telemetry.protocol import MAX_PAYLOAD_BYTES
+from tests.brokers import Mosquitto
 
 FLEET = "testfleet"
 
@@ -94,7 +97,7 @@ def device_counters(state_dir: Path) -> dict[str, int]:
     """The device's own record: boot, last seq of this boot, and outbox depth."""
     with sqlite3.connect(state_dir / "outbox.db") as db:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        meta["depth"] = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        meta["depth"] = db.execute("SELECT COUNT(*) FROM outbox WHERE acked IS NULL").fetchone()[0]
     return meta
 
 
@@ -272,7 +275,16 @@ def test_two_collectors_in_a_shared_group_store_each_message_once(
     assert all(len(share) > 0.2 * len(want) for share in shares), [len(s) for s in shares]
 
 
-def test_junk_on_fleet_topics_is_counted_and_ingest_goes_on(mosquitto, tmp_path):
+@pytest.fixture
+def open_broker(tmp_path):
+    """A broker without the shipped message_size_limit: the collector's own limit must hold."""
+    broker = Mosquitto(tmp_path / "open-broker", extra_config="message_size_limit 0\n").start()
+    yield broker
+    broker.stop()
+
+
+def test_junk_on_fleet_topics_is_counted_and_ingest_goes_on(open_broker, tmp_path):
+    mosquitto = open_broker
     db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     collector = start_collector(mosquitto.url, db_url, "collector-f")
     publisher = mqtt.Client(
@@ -336,9 +348,11 @@ def probe_event(seq: int, event: str = "probe", **changes) -> bytes:
 
 
 def test_hostile_messages_are_quarantined_and_the_next_good_one_is_stored_within_seconds(
-    mosquitto, tmp_path
+    open_broker, tmp_path
 ):
     from tests.collector.test_ingest import install_refusing_trigger
+
+    mosquitto = open_broker
 
     db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     collector = start_collector(mosquitto.url, db_url, "collector-h")
@@ -471,3 +485,27 @@ def test_a_session_that_expired_while_the_collector_was_away_is_no_alarm(mosquit
     stop_collector(again)
 
     assert lost == 0
+
+
+def test_the_shipped_broker_config_turns_an_oversized_publish_away_at_the_door(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = start_collector(mosquitto.url, db_url, "collector-z")
+    attacker = probe_publisher(mosquitto.port, "attacker")
+    disconnected = threading.Event()
+    attacker.on_disconnect = lambda *args: disconnected.set()
+    device = probe_publisher(mosquitto.port, "dev-z")
+    topic = f"edgepack/v1/{FLEET}/dev-z/events"
+    try:
+        attacker.publish(topic, b"x" * (MAX_PAYLOAD_BYTES + 1), qos=1)
+        refused = disconnected.wait(10)
+        attacker.loop_stop()  # it would only send it again
+        for seq in (1, 2):
+            device.publish(topic, probe_event(seq), qos=1).wait_for_publish(10)
+        wait_until(lambda: collector.storage.stream_keys("dev-z") == [(1, 1), (1, 2)], 10, "both")
+        rows = collector.storage.quarantined()
+    finally:
+        device.loop_stop()
+        stop_collector(collector)
+
+    assert refused  # Mosquitto drops the connection of a client over message_size_limit
+    assert rows == []  # it never reached the collector

@@ -75,10 +75,6 @@ class Prepared:
     births: int = 0
     statuses: int = 0
 
-    @property
-    def batch(self) -> Batch:
-        return build_batch(self.pending)
-
 
 def build_batch(entries: list[Entry]) -> Batch:
     """Sort entries into one Batch; ``seen`` is each device's latest stream arrival."""
@@ -184,17 +180,15 @@ class Ingestor:
             raise _classify(message.topic, exc) from None
         return kind, fleet, device, model, text
 
-    def ingest(self, messages: list[RawMessage]) -> Batch:
+    def ingest(self, messages: list[RawMessage]) -> None:
         """Parse and store ``messages``; count everything.
 
         Raises:
             StorageError: the database is down (not a message's fault): nothing of the
-                batch may be acknowledged; call ``commit`` on the same Prepared again.
+                batch may be acknowledged (the service keeps the Prepared and commits it
+                again; see ``prepare`` and ``commit``).
         """
-        prepared = self.prepare(messages)
-        batch = prepared.batch
-        self.commit(prepared)
-        return batch
+        self.commit(self.prepare(messages))
 
     def prepare(self, messages: list[RawMessage]) -> Prepared:
         """Parse and validate ``messages`` into entries (no database work)."""

@@ -73,6 +73,29 @@ def migrate(db: str) -> None:
     storage.close()
 
 
+@cli.command()
+@click.argument("password_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("user")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="EDGE_COLLECTOR_NEW_PASSWORD",
+    help="The new password (asked if not given; or EDGE_COLLECTOR_NEW_PASSWORD).",
+)
+def passwd(password_file: Path, user: str, password: str) -> None:
+    """Add USER to (or change it in) --embedded-broker's PASSWORD_FILE.
+
+    A device logs in with its device id as USER; add one user for the collector too, and
+    give the collector --username and --password. The file holds argon2 hashes only.
+    """
+    from .broker import set_password
+
+    set_password(password_file, user, password)
+    click.echo(f"{user} set in {password_file}")
+
+
 def main() -> None:
     run_cli(cli, (CollectorError, EdgeRuntimeError))
 

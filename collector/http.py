@@ -278,6 +278,7 @@ def render_prometheus(
         }
         rejected = dict(stats.rejected)
         batches = stats.batches
+        quarantined, quarantine_failed = stats.quarantined, stats.quarantine_failed
     for name, value in counts.items():
         family(
             f"edgepack_collector_messages_{name}_total",
@@ -294,6 +295,16 @@ def render_prometheus(
     family("edgepack_collector_batches_total", "counter", "Storage transactions since start.").add(
         {}, batches
     )
+    family(
+        "edgepack_collector_messages_quarantined_total",
+        "counter",
+        "Refused messages written raw, with their error, to the quarantine table.",
+    ).add({}, quarantined)
+    family(
+        "edgepack_collector_quarantine_failures_total",
+        "counter",
+        "Refused messages that could not even be quarantined (counted and acknowledged).",
+    ).add({}, quarantine_failed)
     if collector is not None:
         family(
             "edgepack_collector_connected", "gauge", "1 while connected to the MQTT broker."
@@ -303,6 +314,12 @@ def render_prometheus(
             "gauge",
             "Messages received but not yet stored.",
         ).add({}, collector.backlog())
+        family(
+            "edgepack_collector_sessions_lost_total",
+            "counter",
+            "New broker sessions given while ours should have lived: the broker lost its "
+            "state, and messages with it.",
+        ).add({}, collector.sessions_lost)
     lines = [line for metric in families for line in metric.render()]
     return "\n".join(lines) + "\n"
 
@@ -367,7 +384,22 @@ def _route_device_metrics(server: CollectorHTTPServer, query, device_id: str) ->
     return _json_response(rows)
 
 
+def _route_quarantine(server: CollectorHTTPServer, query) -> _Response:
+    rows = server.storage.quarantined(limit=100)
+    for row in rows:
+        payload = row.pop("payload")
+        # The raw bytes as text, undecodable bytes escaped: enough to see what it was.
+        row["payload_start"] = payload[:512].decode("utf-8", errors="backslashreplace")
+    return _json_response(rows)
+
+
+def _route_collector_events(server: CollectorHTTPServer, query) -> _Response:
+    return _json_response(server.storage.collector_events(limit=20))
+
+
 ROUTES: list[tuple[re.Pattern[str], Callable[..., _Response]]] = [
+    (re.compile(r"/api/quarantine"), _route_quarantine),
+    (re.compile(r"/api/collector/events"), _route_collector_events),
     (re.compile(r"/"), _route_page),
     (re.compile(r"/metrics"), _route_prometheus),
     (re.compile(r"/api/devices"), _route_devices),
@@ -403,7 +435,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return route(self.server, query, *(unquote(g) for g in match.groups()))
             raise NotFoundError(
                 f"no such path {url.path!r}: try /, /metrics, /api/devices, "
-                "/api/devices/<id> or /api/devices/<id>/metrics"
+                "/api/devices/<id>, /api/devices/<id>/metrics, /api/quarantine or "
+                "/api/collector/events"
             )
         except Exception as exc:
             mapped = _error_for(exc)

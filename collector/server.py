@@ -25,7 +25,16 @@ def run_server(settings: CollectorSettings, stop: threading.Event | None = None)
     broker = None
     if settings.embedded_broker:
         host, port, _ = settings.broker_address()
-        broker = EmbeddedBroker(host, port).start()
+        # The collector reads every topic: by its user name, or by its client id when
+        # clients are anonymous. Every other client is a device, limited to its own topics.
+        reader = settings.username or settings.resolved_client_id()
+        broker = EmbeddedBroker(
+            host,
+            port,
+            password_file=settings.broker_password_file,
+            allow_anonymous=settings.allow_anonymous,
+            readers=(reader,),
+        ).start()
         log.warning("embedded broker speaks MQTT 3.1.1 only: run agents with --mqtt-version 3.1.1")
     storage = Storage(settings.db)
     collector = Collector(settings, storage).start()

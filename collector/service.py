@@ -37,6 +37,8 @@ class Collector:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.reconnects = 0
+        self.sessions_lost = 0  # new sessions the broker gave us while ours should live
+        self._alive_ts: float | None = None  # when this process last held its session
 
     @property
     def subscription(self) -> str:
@@ -102,13 +104,9 @@ class Collector:
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.5
+            self._check_session(subscriber.session_present)
             self.connected.set()
             self.subscribed.set()
-            log.info(
-                "collector subscribed to %s (session %s)",
-                self.subscription,
-                "resumed" if subscriber.session_present else "new",
-            )
             try:
                 self._pump(subscriber)
             except (OSError, MqttError) as exc:
@@ -120,32 +118,81 @@ class Collector:
                 self.subscribed.clear()
                 subscriber.close()
 
+    def _check_session(self, present: bool) -> None:
+        """Say loudly when the broker forgot a session it should have kept.
+
+        The broker keeps our session (subscription and queued messages) for
+        ``session_expiry_s`` after we leave. A new session before that means the broker lost
+        its state (a crash without autosave, see collector/mosquitto.conf): whatever it held
+        for us, and whatever devices published before we subscribed again, is gone.
+        """
+        client_id = self.settings.resolved_client_id()
+        now = time.time()
+        alive = self._alive_ts
+        try:
+            stored = self.storage.session_alive_ts(client_id)
+            alive = max(alive or 0.0, stored or 0.0) or None
+        except StorageError:
+            pass  # the database is down: what this process remembers will do
+        expected = alive is not None and now - alive < self.settings.session_expiry_s
+        if present or not expected:
+            log.info(
+                "collector subscribed to %s (session %s)",
+                self.subscription,
+                "resumed" if present else "new",
+            )
+        else:
+            self.sessions_lost += 1
+            message = (
+                f"the broker gave collector {client_id} a new session, {now - alive:.0f}s after "
+                f"it last held one (session expiry {self.settings.session_expiry_s}s): the "
+                "broker lost its state, and the messages it held for the collector, or that "
+                "devices sent before it subscribed again, are lost (they count as missing). "
+                "Run the broker with the shipped collector/mosquitto.conf (autosave_on_changes)."
+            )
+            log.warning("%s", message)
+            try:
+                self.storage.add_collector_event(client_id, "warning", "session_lost", message)
+            except StorageError as exc:
+                log.warning("could not record the lost session in the database: %s", exc)
+        self._touch_session(now)
+
+    def _touch_session(self, now: float) -> None:
+        self._alive_ts = now
+        try:
+            self.storage.touch_session(self.settings.resolved_client_id(), now)
+        except StorageError as exc:
+            log.debug("could not record the session's time: %s", exc)
+
     def _pump(self, subscriber: Subscriber) -> None:
         while not self._stopping.is_set():
             messages = subscriber.read(self.settings.batch_size, timeout=0.2)
             if not messages:
                 continue
             received = time.time()
-            raw = [RawMessage(m.topic, m.payload, received, m.retain) for m in messages]
+            raw = [RawMessage(m.topic, m.payload, received, m.retain, m.size) for m in messages]
+            prepared = self.ingestor.prepare(raw)
             while True:
                 try:
-                    self.ingestor.ingest(raw)
+                    self.ingestor.commit(prepared)
                     break
-                except Exception as exc:
-                    # The database is down (or a bug): keep the batch, unacknowledged, and
-                    # retry; the next attempt reconnects. If we die meanwhile, the broker
-                    # redelivers it to our session.
-                    if isinstance(exc, StorageError):
-                        log.warning("storing %d messages failed (%s); retrying", len(raw), exc)
-                    else:
-                        log.exception("storing %d messages failed; retrying", len(raw))
+                except StorageError as exc:
+                    # The database is down, which is no message's fault: keep the rest of the
+                    # batch unacknowledged and retry; the next attempt reconnects. If we die
+                    # meanwhile, the broker redelivers it to our session.
+                    log.warning(
+                        "storing %d messages failed (%s); retrying", len(prepared.pending), exc
+                    )
                     if self._stopping.wait(1.0):
                         return
+                    subscriber.ping()  # keep the connection while we wait
             subscriber.ack(messages)
 
     def _watchdog(self) -> None:
         interval = min(5.0, self.settings.heartbeat_timeout_s / 3)
         while not self._stopping.wait(interval):
+            if self.subscribed.is_set():
+                self._touch_session(time.time())
             try:
                 cutoff = time.time() - self.settings.heartbeat_timeout_s
                 for device in self.storage.mark_silent_offline(cutoff):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
@@ -30,6 +31,16 @@ class CollectorSettings(MqttSettings):
         False,
         description="start an in-process MQTT 3.1.1 broker (amqtt) on --broker's address",
     )
+    broker_password_file: Path | None = Field(
+        None,
+        description="--embedded-broker's password file (lines user:argon2-hash, made with "
+        "`edge-collector passwd FILE USER`); a device logs in with its device id",
+    )
+    allow_anonymous: bool = Field(
+        False,
+        description="let --embedded-broker take clients without a password; each is then who "
+        "its client id says (a demo on a trusted network only)",
+    )
     batch_size: int = Field(2000, ge=1, description="messages stored per transaction at most")
     session_expiry_s: int = Field(
         3600, ge=0, description="how long the broker keeps our session and queue while we are away"
@@ -46,6 +57,28 @@ class CollectorSettings(MqttSettings):
             raise ValueError(
                 "shared_group needs MQTT 5 (shared subscriptions); the embedded broker "
                 "(amqtt) speaks 3.1.1 only, so use Mosquitto for scale-out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_broker_logins(self) -> CollectorSettings:
+        if not self.embedded_broker:
+            if self.broker_password_file or self.allow_anonymous:
+                raise ValueError(
+                    "broker_password_file and allow_anonymous are for --embedded-broker; "
+                    "give Mosquitto its own password_file and ACL (docs/telemetry.md)"
+                )
+            return self
+        if self.broker_password_file is None and not self.allow_anonymous:
+            raise ValueError(
+                "--embedded-broker refuses anonymous clients: give --broker-password-file FILE "
+                "(make it with `edge-collector passwd FILE USER`, one user per device id and "
+                "one for the collector), or --allow-anonymous for a demo on a trusted network"
+            )
+        if self.broker_password_file is not None and not self.username:
+            raise ValueError(
+                "the collector logs in to its embedded broker too: give --username and "
+                "--password of a user in --broker-password-file"
             )
         return self
 

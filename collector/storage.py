@@ -12,35 +12,17 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from .errors import StorageError
+from .migrations import METRIC_COLUMNS, METRIC_PATHS, MIGRATIONS
 
-# column -> where it sits in a metrics payload: (section or None, key).
-METRIC_PATHS = {
-    "interval_s": (None, "interval_s"),
-    "inferences": (None, "inferences"),
-    "errors": (None, "errors"),
-    "p50_ms": ("latency", "p50_ms"),
-    "p95_ms": ("latency", "p95_ms"),
-    "p99_ms": ("latency", "p99_ms"),
-    "max_ms": ("latency", "max_ms"),
-    "mean_ms": ("latency", "mean_ms"),
-    "tokens_per_s": (None, "tokens_per_s"),
-    "cpu_percent": ("process", "cpu_percent"),
-    "rss_mb": ("process", "rss_mb"),
-    "mem_available_mb": ("system", "mem_available_mb"),
-    "temperature_c": ("system", "temperature_c"),
-    "disk_free_mb": ("system", "disk_free_mb"),
-    "uptime_s": ("system", "uptime_s"),
-    "outbox_depth": ("outbox", "depth"),
-    "outbox_dropped": ("outbox", "dropped"),
-}
-METRIC_COLUMNS = tuple(METRIC_PATHS)
-INTEGER_METRICS = ("inferences", "errors", "outbox_depth", "outbox_dropped")
+__all__ = ["METRIC_COLUMNS", "METRIC_PATHS", "MIGRATIONS", "Batch", "Storage", "metric_row"]
+QUARANTINE_PAYLOAD_BYTES = 64 * 1024  # of each quarantined message, the rest is cut
+QUARANTINE_MAX_ROWS = 10_000  # the newest are kept: a flood of junk cannot fill the disk
 STREAM_KEY = ("device_id", "boot", "seq", "ts", "received")
 
 
@@ -97,48 +79,6 @@ DEVICE_COLUMNS = (
 )
 
 
-def _initial(dialect: str) -> list[str]:
-    serial = (
-        "BIGSERIAL PRIMARY KEY" if dialect == "postgres" else "INTEGER PRIMARY KEY AUTOINCREMENT"
-    )
-    real = "DOUBLE PRECISION"
-    metric_columns = ",\n".join(
-        f"{name} {'BIGINT' if name in INTEGER_METRICS else real}" for name in METRIC_COLUMNS
-    )
-    return [
-        f"""CREATE TABLE devices (
-            device_id TEXT PRIMARY KEY, fleet TEXT NOT NULL,
-            status TEXT NOT NULL DEFAULT 'unknown', status_reason TEXT, status_ts {real},
-            boot BIGINT, last_seen {real}, runtime_version TEXT,
-            bundle_id TEXT, bundle_name TEXT, bundle_version TEXT, profile TEXT, backend TEXT,
-            recipe TEXT, facts TEXT)""",
-        f"""CREATE TABLE metrics (
-            device_id TEXT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
-            ts {real} NOT NULL, received {real} NOT NULL,
-            {metric_columns},
-            payload TEXT NOT NULL,
-            PRIMARY KEY (device_id, boot, seq))""",
-        "CREATE INDEX metrics_device_ts ON metrics (device_id, ts)",
-        f"""CREATE TABLE events (
-            device_id TEXT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
-            ts {real} NOT NULL, received {real} NOT NULL, event TEXT NOT NULL,
-            level TEXT NOT NULL, data TEXT NOT NULL,
-            PRIMARY KEY (device_id, boot, seq))""",
-        f"""CREATE TABLE status_log (
-            id {serial}, device_id TEXT NOT NULL, ts {real} NOT NULL, state TEXT NOT NULL,
-            boot BIGINT, reason TEXT)""",
-        f"""CREATE TABLE births (
-            device_id TEXT NOT NULL, boot BIGINT NOT NULL, ts {real} NOT NULL,
-            payload TEXT NOT NULL, PRIMARY KEY (device_id, boot))""",
-    ]
-
-
-# Ordered, named, append-only: never edit a migration that has shipped; add a new one.
-MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
-    ("0001_initial", _initial),
-]
-
-
 @dataclass(frozen=True)
 class Batch:
     """Parsed messages to store in one transaction."""
@@ -148,6 +88,30 @@ class Batch:
     births: list[tuple] = ()
     statuses: list[tuple] = ()  # (device_id, fleet, ts, state, boot, reason, received)
     seen: dict[str, tuple[str, float]] | None = None  # device -> (fleet, last ts)
+    boot_ends: list[tuple] = ()  # (device_id, boot, last seq committed by that boot)
+    quarantine: list[tuple] = ()  # (received, topic, reason, error, size, payload)
+
+
+_UPSERT_BOOT_END = (
+    "INSERT INTO boot_ends (device_id, boot, last_seq) VALUES (?, ?, ?) "
+    "ON CONFLICT (device_id, boot) DO UPDATE SET last_seq = CASE "
+    "WHEN excluded.last_seq > boot_ends.last_seq THEN excluded.last_seq "
+    "ELSE boot_ends.last_seq END"
+)
+# Sums of 64-bit columns are summed as floats: the largest valid values (seq 2^63-1 in two
+# boots, inferences 2^62 twice) overflow an integer SUM on SQLite and would take every
+# read of the fleet down with them.
+_FLOAT_SUM = "SUM(CAST({} AS DOUBLE PRECISION))"
+
+
+def _text(value: str, limit: int) -> str:
+    """Any string made safe for a TEXT column (PostgreSQL refuses NUL) and cut to ``limit``."""
+    value = value.replace("\x00", "\\x00")
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction to undo it (a write probe)."""
 
 
 # A device row exists once anything arrives; last_seen only moves forward.
@@ -373,8 +337,94 @@ class Storage:
                 "AND status_reason = 'missed heartbeats'",
                 [(ts, device_id) for device_id, _, ts in seen],
             )
+            self._executemany(_UPSERT_BOOT_END, list(batch.boot_ends))
+            self._insert_quarantine(batch.quarantine)
         total = len(batch.metrics) + len(batch.events)
         return stored, total - stored
+
+    def _insert_quarantine(self, rows: Iterable[tuple]) -> None:
+        rows = [
+            (
+                received,
+                _text(topic, 1024),
+                reason,
+                _text(error, 2000),
+                size,
+                bytes(payload[:QUARANTINE_PAYLOAD_BYTES]),
+            )
+            for received, topic, reason, error, size, payload in rows
+        ]
+        if not rows:
+            return
+        self._executemany(
+            "INSERT INTO quarantine (received, topic, reason, error, size, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self._execute(
+            "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
+            (QUARANTINE_MAX_ROWS,),
+        )
+
+    @_guarded
+    def quarantine(self, rows: list[tuple]) -> None:
+        """Store quarantine rows (received, topic, reason, error, size, payload) on their own."""
+        with self._lock, self._transaction():
+            self._insert_quarantine(rows)
+
+    def writable(self) -> bool:
+        """Whether a write succeeds now: tells a storage outage from a message it refuses.
+
+        The probe rewrites ``schema_migrations`` in a transaction and rolls it back, so it
+        takes the same locks and connection a batch would.
+        """
+        try:
+            self._probe_write()
+        except StorageError:
+            return False
+        return True
+
+    @_guarded
+    def _probe_write(self) -> None:
+        with self._lock:
+            try:
+                with self._transaction():
+                    self._execute("UPDATE schema_migrations SET applied_at = applied_at")
+                    raise _Rollback
+            except _Rollback:
+                pass
+
+    @_guarded
+    def touch_session(self, client_id: str, now: float) -> float | None:
+        """Record that ``client_id`` holds its broker session now; return the previous time."""
+        with self._lock, self._transaction():
+            row = self._execute(
+                "SELECT alive_ts FROM collector_sessions WHERE client_id = ?", (client_id,)
+            ).fetchone()
+            self._execute(
+                "INSERT INTO collector_sessions (client_id, alive_ts) VALUES (?, ?) "
+                "ON CONFLICT (client_id) DO UPDATE SET alive_ts = excluded.alive_ts",
+                (client_id, now),
+            )
+        return row[0] if row else None
+
+    @_guarded
+    def session_alive_ts(self, client_id: str) -> float | None:
+        """When ``client_id`` last held its broker session (None: never)."""
+        with self._lock:
+            row = self._execute(
+                "SELECT alive_ts FROM collector_sessions WHERE client_id = ?", (client_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    @_guarded
+    def add_collector_event(self, client_id: str, level: str, event: str, message: str) -> None:
+        with self._lock, self._transaction():
+            self._execute(
+                "INSERT INTO collector_events (ts, client_id, level, event, message) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (time.time(), client_id, level, event, _text(message, 2000)),
+            )
 
     def _upsert_seen(self, device_id: str, fleet: str, ts: float | None) -> None:
         self._execute(_UPSERT_SEEN, (device_id, fleet, ts))
@@ -413,39 +463,56 @@ class Storage:
             recent = {
                 row[0]: row[1:]
                 for row in self._execute(
-                    "SELECT device_id, MAX(p95_ms), SUM(inferences), SUM(errors), COUNT(*), "
-                    "MAX(outbox_dropped) FROM metrics WHERE ts >= ? GROUP BY device_id",
+                    f"SELECT device_id, MAX(p95_ms), {_FLOAT_SUM.format('inferences')}, "
+                    f"{_FLOAT_SUM.format('errors')}, COUNT(*), MAX(outbox_dropped) FROM metrics "
+                    "WHERE ts >= ? GROUP BY device_id",
                     (since,),
                 ).fetchall()
             }
-            seqs = {
-                row[0]: (row[1], row[2])
-                for row in self._execute(
-                    "SELECT device_id, SUM(max_seq), SUM(n) FROM ("
-                    " SELECT device_id, boot, MAX(seq) AS max_seq, COUNT(*) AS n FROM ("
-                    "  SELECT device_id, boot, seq FROM metrics UNION ALL "
-                    "  SELECT device_id, boot, seq FROM events) AS stream"
-                    " GROUP BY device_id, boot) AS per_boot GROUP BY device_id"
-                ).fetchall()
-            }
+            streams = self._stream_counts()
         devices = []
         for row in rows:
             device = dict(zip(DEVICE_COLUMNS, row, strict=True))
             device["facts"] = json.loads(device["facts"]) if device["facts"] else None
             p95, inferences, errors, reports, dropped = recent.get(row[0], (None, 0, 0, 0, 0))
-            expected, received = seqs.get(row[0], (0, 0))
+            received, missing = streams.get(row[0], (0, 0))
             device.update(
                 p95_ms=p95,
                 inferences_recent=int(inferences or 0),
-                # PostgreSQL's SUM(BIGINT) is NUMERIC (a Decimal): make it a float, as SQLite's.
                 error_rate=(float(errors) / float(inferences)) if inferences else 0.0,
                 reports_recent=int(reports or 0),
                 outbox_dropped=int(dropped or 0),
-                messages=int(received or 0),
-                missing_messages=int((expected or 0) - (received or 0)),
+                messages=received,
+                missing_messages=missing,
             )
             devices.append(device)
         return devices
+
+    def _stream_counts(self) -> dict[str, tuple[int, int]]:
+        """Per device: (messages stored, messages missing), summed over its boots.
+
+        A boot's messages are numbered 1..last with no gaps, where ``last`` is the higher of
+        its highest stored seq and the last seq the device says the boot committed (its next
+        birth, or its clean stop); every number not stored is missing. Summed in Python:
+        exact, and no 64-bit overflow.
+        """
+        boots: dict[tuple[str, int], list[int]] = {}
+        for device_id, boot, max_seq, count in self._execute(
+            "SELECT device_id, boot, MAX(seq), COUNT(*) FROM ("
+            " SELECT device_id, boot, seq FROM metrics UNION ALL"
+            " SELECT device_id, boot, seq FROM events) AS stream GROUP BY device_id, boot"
+        ).fetchall():
+            boots[(device_id, int(boot))] = [int(max_seq), int(count)]
+        for device_id, boot, last_seq in self._execute(
+            "SELECT device_id, boot, last_seq FROM boot_ends"
+        ).fetchall():
+            entry = boots.setdefault((device_id, int(boot)), [0, 0])
+            entry[0] = max(entry[0], int(last_seq))
+        totals: dict[str, tuple[int, int]] = {}
+        for (device_id, _), (last, count) in boots.items():
+            received, missing = totals.get(device_id, (0, 0))
+            totals[device_id] = (received + count, missing + last - count)
+        return totals
 
     @_guarded
     def device(self, device_id: str) -> dict[str, Any] | None:
@@ -525,8 +592,8 @@ class Storage:
         listed = ", ".join(columns)
         with self._lock:
             sums = self._execute(
-                "SELECT device_id, COUNT(*), SUM(inferences), SUM(errors) FROM metrics "
-                "GROUP BY device_id"
+                f"SELECT device_id, COUNT(*), {_FLOAT_SUM.format('inferences')}, "
+                f"{_FLOAT_SUM.format('errors')} FROM metrics GROUP BY device_id"
             ).fetchall()
             latest = self._execute(
                 f"SELECT device_id, {listed} FROM (SELECT device_id, {listed}, ROW_NUMBER() "
@@ -543,6 +610,27 @@ class Storage:
             }
             for device_id, reports, inferences, errors in sums
         }
+
+    @_guarded
+    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest quarantined messages, newest first, with their raw (cut) payload."""
+        columns = ("id", "received", "topic", "reason", "error", "size", "payload")
+        with self._lock:
+            rows = self._execute(
+                f"SELECT {', '.join(columns)} FROM quarantine ORDER BY id DESC LIMIT {int(limit)}"
+            ).fetchall()
+        return [{**dict(zip(columns, row, strict=True)), "payload": bytes(row[-1])} for row in rows]
+
+    @_guarded
+    def collector_events(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The collectors' own newest events (a lost broker session), newest first."""
+        columns = ("ts", "client_id", "level", "event", "message")
+        with self._lock:
+            rows = self._execute(
+                f"SELECT {', '.join(columns)} FROM collector_events "
+                f"ORDER BY id DESC LIMIT {int(limit)}"
+            ).fetchall()
+        return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 class _SqliteTransaction:

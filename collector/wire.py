@@ -8,7 +8,10 @@ PUBLISH packets in large chunks, and send the PUBACKs of a whole stored batch in
 after the batch commits. Devices keep using paho (edge_runtime.telemetry.client).
 
 Malformed packets or a refused CONNECT/SUBSCRIBE raise ``MqttError``; socket trouble raises
-``OSError``. The caller reconnects.
+``OSError``. The caller reconnects. A PUBLISH larger than ``MAX_PACKET`` is no reason to
+drop the connection (the broker would redeliver it on every reconnect, for ever): it is
+read as it streams in, its start kept and the rest discarded, and handed on with its size,
+to be quarantined and acknowledged like any other bad message.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from dataclasses import dataclass
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 _PROP_SESSION_EXPIRY, _PROP_RECEIVE_MAXIMUM = 0x11, 0x21
-MAX_PACKET = 2 * 1024 * 1024  # anything larger is a broken stream, not telemetry
+# A packet body up to this size is held whole; of a larger PUBLISH only this much is kept
+# (the topic, packet id and properties fit in it), and the rest is read and discarded.
+MAX_PACKET = 256 * 1024
 
 
 class MqttError(Exception):
@@ -38,6 +43,17 @@ class Publish:
     qos: int
     packet_id: int
     retain: bool
+    size: int | None = None  # the whole payload's size when ``payload`` is only its start
+
+
+@dataclass
+class _Discard:
+    """A PUBLISH too large to hold: its first MAX_PACKET bytes, and what is still to skip."""
+
+    flags: int
+    length: int
+    remaining: int
+    kept: bytearray
 
 
 def _varint(value: int) -> bytes:
@@ -105,8 +121,14 @@ def _read_varint(data, offset: int) -> tuple[int, int] | None:
     return None  # incomplete
 
 
-def split_packets(buffer: bytearray) -> tuple[list[tuple[int, int, bytes]], int]:
-    """Complete packets in ``buffer`` as (type, flags, body); returns them and bytes used."""
+def split_packets(
+    buffer: bytearray, max_packet: int = MAX_PACKET
+) -> tuple[list[tuple[int, int, bytes]], int, tuple[int, int] | None]:
+    """Complete packets in ``buffer`` as (type, flags, body), and the bytes they used.
+
+    The third value is ``(header byte, body length)`` when the next packet is larger than
+    ``max_packet``; ``used`` then includes its fixed header, so its body starts the rest.
+    """
     packets = []
     offset = 0
     while len(buffer) - offset >= 2:
@@ -114,18 +136,19 @@ def split_packets(buffer: bytearray) -> tuple[list[tuple[int, int, bytes]], int]
         if parsed is None:
             break
         length, start = parsed
-        if length > MAX_PACKET:
-            raise MqttError(f"packet of {length} bytes exceeds {MAX_PACKET}")
+        header = buffer[offset]
+        if length > max_packet:
+            return packets, start, (header, length)
         end = start + length
         if end > len(buffer):
             break
-        header = buffer[offset]
         packets.append((header >> 4, header & 0x0F, bytes(buffer[start:end])))
         offset = end
-    return packets, offset
+    return packets, offset, None
 
 
-def decode_publish(flags: int, body: bytes, version: int) -> Publish:
+def decode_publish(flags: int, body: bytes, version: int, length: int | None = None) -> Publish:
+    """A PUBLISH from its body; ``length``: the whole body's, when ``body`` is only its start."""
     qos = (flags >> 1) & 0x03
     topic_length = int.from_bytes(body[0:2], "big")
     position = 2 + topic_length
@@ -140,7 +163,10 @@ def decode_publish(flags: int, body: bytes, version: int) -> Publish:
             raise MqttError("truncated PUBLISH properties")
         properties_length, position = parsed
         position += properties_length
-    return Publish(topic, body[position:], qos, packet_id, bool(flags & 0x01))
+    if length is None:
+        return Publish(topic, body[position:], qos, packet_id, bool(flags & 0x01))
+    size = length - position
+    return Publish(topic, body[position:], qos, packet_id, bool(flags & 0x01), size=size)
 
 
 class Subscriber:
@@ -168,7 +194,9 @@ class Subscriber:
         self.tls, self.server_hostname = tls, server_hostname or host
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
-        self._queued: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        # (type, flags, body, whole body length if the body was cut, else None)
+        self._queued: collections.deque[tuple[int, int, bytes, int | None]] = collections.deque()
+        self._discard: _Discard | None = None
         self._last_sent = self._last_heard = time.monotonic()
         self._next_id = 1
         self.session_present = False
@@ -180,6 +208,8 @@ class Subscriber:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._buffer.clear()
+        self._queued.clear()
+        self._discard = None
         self._send(
             encode_connect(
                 self.client_id,
@@ -192,7 +222,7 @@ class Subscriber:
                 password=self.password,
             )
         )
-        kind, _, body = self._expect(CONNACK, timeout)
+        kind, _, body, _ = self._expect(CONNACK, timeout)
         self.session_present = bool(body[0] & 0x01)
         if body[1] != 0:
             raise MqttError(f"broker refused the connection: reason code 0x{body[1]:02x}")
@@ -201,7 +231,7 @@ class Subscriber:
         packet_id = self._next_id
         self._next_id = self._next_id % 65535 + 1
         self._send(encode_subscribe(packet_id, topic_filter, qos, self.version))
-        _, _, body = self._expect(SUBACK, timeout)
+        _, _, body, _ = self._expect(SUBACK, timeout)
         position = 2
         if self.version == 5:
             parsed = _read_varint(body, position)
@@ -225,9 +255,9 @@ class Subscriber:
                 if not self._fill(wait):
                     break
             while self._queued and len(messages) < max_messages:
-                kind, flags, body = self._queued.popleft()
+                kind, flags, body, length = self._queued.popleft()
                 if kind == PUBLISH:
-                    messages.append(decode_publish(flags, body, self.version))
+                    messages.append(decode_publish(flags, body, self.version, length))
                 elif kind == DISCONNECT:
                     reason = body[0] if len(body) else 0
                     raise MqttError(f"broker disconnected us: reason code 0x{reason:02x}")
@@ -239,6 +269,11 @@ class Subscriber:
         ids = [m.packet_id for m in messages if m.qos == 1]
         if ids:
             self._send(encode_pubacks(ids))
+
+    def ping(self) -> None:
+        """Send a PINGREQ if one is due, without reading: for a caller busy elsewhere."""
+        if time.monotonic() - self._last_sent > self.keepalive / 2:
+            self._send(b"\xc0\x00")
 
     def close(self) -> None:
         if self._sock is None:
@@ -269,10 +304,33 @@ class Subscriber:
             raise OSError("broker closed the connection")
         self._last_heard = time.monotonic()
         self._buffer += chunk
-        packets, used = split_packets(self._buffer)
-        del self._buffer[:used]
-        self._queued.extend(packets)
-        return bool(packets)
+        before = len(self._queued)
+        self._split()
+        return len(self._queued) > before
+
+    def _split(self) -> None:
+        """Move complete packets from the buffer to the queue, skipping an oversized body."""
+        while True:
+            discard = self._discard
+            if discard is not None:
+                take = min(discard.remaining, len(self._buffer))
+                room = max(0, MAX_PACKET - len(discard.kept))
+                discard.kept += self._buffer[: min(take, room)]
+                del self._buffer[:take]
+                discard.remaining -= take
+                if discard.remaining:
+                    return
+                self._queued.append((PUBLISH, discard.flags, bytes(discard.kept), discard.length))
+                self._discard = None
+            packets, used, oversized = split_packets(self._buffer)
+            del self._buffer[:used]
+            self._queued.extend((kind, flags, body, None) for kind, flags, body in packets)
+            if oversized is None:
+                return
+            header, length = oversized
+            if header >> 4 != PUBLISH:
+                raise MqttError(f"packet of type {header >> 4} and {length} bytes: not MQTT")
+            self._discard = _Discard(header & 0x0F, length, length, bytearray())
 
     def _expect(self, kind: int, timeout: float):
         deadline = time.monotonic() + timeout

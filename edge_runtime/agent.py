@@ -89,7 +89,8 @@ def run_agent(settings: AgentSettings, stop: threading.Event | None = None) -> i
                 settings.bundle, settings.pubkey, threads=settings.threads, telemetry=client
             )
         except EdgeRuntimeError as exc:
-            client.event("bundle_error", "error", message=str(exc), bundle=str(settings.bundle))
+            message = str(exc) if len(str(exc)) <= 2000 else str(exc)[:2000] + "…"
+            client.event("bundle_error", "error", message=message, bundle=str(settings.bundle))
             raise
         with runtime:
             report = runtime.selftest()

@@ -27,3 +27,7 @@ class BackendError(EdgeRuntimeError):
 
 class ModelFileError(EdgeRuntimeError):
     """A model file is malformed or truncated (checked before the engine loads it)."""
+
+
+class TelemetryError(EdgeRuntimeError):
+    """A telemetry message cannot be sent as asked (e.g. larger than a collector accepts)."""

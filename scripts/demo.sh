@@ -149,19 +149,28 @@ for _ in range(2):
     s = socket.socket(); s.bind(('127.0.0.1', 0)); ports.append(s.getsockname()[1]); s.close()
 print(*ports)")
 BROKER="mqtt://127.0.0.1:$MQTT_PORT"
-rm -f "$OUT/fleet.db"*
-"$VENV/bin/edge-collector" serve --embedded-broker --broker "$BROKER" \
+rm -f "$OUT/fleet.db"* "$OUT/broker.passwd"
+# The embedded broker takes no anonymous clients: one login for the collector, one per device
+# (its device id), and each device may write only its own topics.
+PROFILES=(raspberry-pi-4 x86-64-avx512-vnni jetson-orin-nano)
+for user in collector "${PROFILES[@]/%/-01}"; do
+    EDGE_COLLECTOR_NEW_PASSWORD="demo-$user" "$VENV/bin/edge-collector" passwd \
+        "$OUT/broker.passwd" "$user" > /dev/null
+done
+EDGE_COLLECTOR_PASSWORD=demo-collector "$VENV/bin/edge-collector" serve --embedded-broker \
+    --broker-password-file "$OUT/broker.passwd" --username collector --broker "$BROKER" \
     --db "sqlite:///$OUT/fleet.db" --http-port "$HTTP_PORT" > "$OUT/collector.log" 2>&1 &
 COLLECTOR=$!
 AGENTS=()
 cleanup() { kill "${AGENTS[@]}" 2>/dev/null; wait "${AGENTS[@]}" 2>/dev/null; kill "$COLLECTOR" 2>/dev/null; wait "$COLLECTOR" 2>/dev/null; }
 trap cleanup EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$HTTP_PORT/api/devices" >/dev/null && break; sleep 0.2; done
-for profile in raspberry-pi-4 x86-64-avx512-vnni jetson-orin-nano; do
+for profile in "${PROFILES[@]}"; do
     # amqtt speaks MQTT 3.1.1; against Mosquitto, leave --mqtt-version at its default (5).
-    EDGEPACK_HOME="$OUT/devices" "$RUNTIME" agent "$OUT/minilm-$profile.edgepkg" \
-        --pubkey "$OUT/keys/edgepack.pub" --broker "$BROKER" --fleet demo \
-        --device-id "$profile-01" --mqtt-version 3.1.1 --metrics-interval-s 2 \
+    EDGEPACK_HOME="$OUT/devices" EDGE_RUNTIME_PASSWORD="demo-$profile-01" "$RUNTIME" agent \
+        "$OUT/minilm-$profile.edgepkg" --pubkey "$OUT/keys/edgepack.pub" --broker "$BROKER" \
+        --fleet demo --device-id "$profile-01" --username "$profile-01" --mqtt-version 3.1.1 \
+        --metrics-interval-s 2 \
         --demo-load 5 > "$OUT/agent-$profile.log" 2>&1 &
     AGENTS+=($!)
 done

@@ -25,13 +25,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .. import __version__
+from ..errors import TelemetryError
 from ..settings import MqttSettings
 from .aggregate import InferenceStats, VitalSigns, device_facts
 from .outbox import Outbox
-from .protocol import SCHEMA_VERSION, Kind, check_name, topic
+from .protocol import (
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
+    Command,
+    CommandPayload,
+    Kind,
+    check_name,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,13 @@ class TelemetrySettings(MqttSettings):
     outbox_max_mb: float = Field(64.0, gt=0, description="outbox size bound; oldest dropped first")
     outbox_max_age_h: float = Field(168.0, gt=0, description="messages older than this are dropped")
     window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight")
+    resend_acked_s: float = Field(
+        10.0,
+        ge=0,
+        description="after each (re)connect, send again what the broker acknowledged in the "
+        "last this-many seconds before: a broker that crashed before saving it lost it "
+        "(the collector drops duplicates)",
+    )
 
     @field_validator("fleet", "device_id")
     @classmethod
@@ -84,6 +100,10 @@ class TelemetryClient:
         self._reporting_done = threading.Event()
         self._wake = threading.Event()
         self._acked_mids: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self._commands: collections.deque[bytes] = collections.deque()
+        self._resend_due = False  # set on connect: send the recently acknowledged again
+        self._resent_mids: set[int] = set()
+        self.resent = 0
         self._last_refusal = ""
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (outbox id, sent at)
         self._last_sent_id = 0
@@ -102,6 +122,7 @@ class TelemetryClient:
             state_dir / "outbox.db",
             max_bytes=int(self.settings.outbox_max_mb * 2**20),
             max_age_s=self.settings.outbox_max_age_h * 3600,
+            keep_acked_s=self.settings.resend_acked_s,
         )
         self.boot = self._outbox.next_boot()
         self._vitals = VitalSigns(state_dir)
@@ -132,6 +153,7 @@ class TelemetryClient:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
         self._client = client
         client.connect_async(host, port, keepalive=s.keepalive_s)
         client.loop_start()
@@ -153,9 +175,9 @@ class TelemetryClient:
         self._wake.set()
         self._threads[0].join(timeout=5)
         if self.connected.is_set():
-            info = self._client.publish(
-                self._topic(Kind.STATUS), self._status("offline", "shutdown"), 1, True
-            )
+            # The boot's last seq: if its tail is lost, the collector counts it as missing.
+            status = self._status("offline", "shutdown", last_seq=self._outbox.last_seq())
+            info = self._client.publish(self._topic(Kind.STATUS), status, 1, True)
             info.wait_for_publish(timeout=2)
         self._client.disconnect()
         self._client.loop_stop()
@@ -194,32 +216,47 @@ class TelemetryClient:
             self._publish_birth()
 
     def event(self, name: str, level: str = "info", **data: Any) -> int:
-        """Queue an ``events`` message; returns its seq."""
+        """Queue an ``events`` message; returns its seq.
+
+        Raises:
+            TelemetryError: the message would be larger than a collector accepts (64 KiB);
+                nothing is queued and no seq is used.
+        """
         return self._put(Kind.EVENTS, {"event": name, "level": level, "data": data})
 
     # -- internals -----------------------------------------------------------------------
     def _topic(self, kind: Kind) -> str:
         return topic(self.settings.fleet, self.settings.device_id, kind)
 
-    def _status(self, state: str, reason: str) -> bytes:
-        return _json(
-            {
-                "schema": SCHEMA_VERSION,
-                "ts": time.time(),
-                "state": state,
-                "boot": self.boot,
-                "reason": reason,
-            }
-        )
+    def _status(self, state: str, reason: str, last_seq: int | None = None) -> bytes:
+        body = {
+            "schema": SCHEMA_VERSION,
+            "ts": time.time(),
+            "state": state,
+            "boot": self.boot,
+            "reason": reason,
+        }
+        if last_seq is not None:
+            body["last_seq"] = last_seq
+        return _json(body)
 
     def _put(self, kind: Kind, body: dict[str, Any]) -> int:
         if self._outbox is None:
             raise RuntimeError("TelemetryClient.start() was not called")
 
         def make(seq: int) -> bytes:
-            return _json(
+            payload = _json(
                 {"schema": SCHEMA_VERSION, "ts": time.time(), "boot": self.boot, "seq": seq, **body}
             )
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                # Refused here, not at the broker: Mosquitto drops the connection of a client
+                # that sends more than its message_size_limit, and paho would resend it on
+                # every reconnect, holding up everything behind it.
+                raise TelemetryError(
+                    f"{kind.value} message of {len(payload)} bytes: a collector accepts at "
+                    f"most {MAX_PAYLOAD_BYTES}; keep event data small"
+                )
+            return payload
 
         seq = self._outbox.put(self._topic(kind), make)
         self._wake.set()
@@ -236,7 +273,8 @@ class TelemetryClient:
         seq = self._put(Kind.METRICS, figures)
         if self._last_error is not None and figures["errors"]:
             error, self._last_error = self._last_error, None
-            self.event("inference_error", "error", message=error, count=figures["errors"])
+            message = error if len(error) <= 2000 else error[:2000] + "…"
+            self.event("inference_error", "error", message=message, count=figures["errors"])
         return seq
 
     def _publish_birth(self) -> None:
@@ -248,6 +286,10 @@ class TelemetryClient:
             "device": device_facts(),
             "bundle": self._bundle,
         }
+        previous = self._outbox.previous_last_seq if self._outbox is not None else None
+        if previous is not None:
+            # What the last boot committed: its lost tail is missing, not invisible.
+            body["previous_boot_last_seq"] = previous
         self._client.publish(self._topic(Kind.BIRTH), _json(body), 1, True)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -261,6 +303,8 @@ class TelemetryClient:
             return
         client.publish(self._topic(Kind.STATUS), self._status("online", "connected"), 1, True)
         self._publish_birth()
+        client.subscribe(self._topic(Kind.CMD), qos=1)  # requests to this device
+        self._resend_due = True
         self.connected.set()
         self._wake.set()
 
@@ -292,11 +336,31 @@ class TelemetryClient:
         )
         self._wake.set()
 
+    def _on_message(self, client, userdata, message) -> None:
+        # paho's thread: only hand over; the publisher answers (the answer is an outbox write).
+        self._commands.append(bytes(message.payload))
+        self._wake.set()
+
+    def _answer_commands(self) -> None:
+        while self._commands:
+            payload = self._commands.popleft()
+            try:
+                command = CommandPayload.model_validate_json(payload)
+            except ValidationError as exc:
+                log.warning("ignored a malformed command on %s: %s", self._topic(Kind.CMD), exc)
+                continue
+            if command.command is Command.REPORT_COUNTS:
+                counts = self._outbox.counts()  # as of just before this answer
+                self.event("outbox_counts", request_id=command.id, **counts)
+
     def _publisher(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             try:
+                if self._resend_due and self.connected.is_set():
+                    self._resend_acknowledged()  # before settling acks: they purge it
+                self._answer_commands()
                 self._settle_acks()
                 if self.connected.is_set():
                     self._send_more()
@@ -305,10 +369,27 @@ class TelemetryClient:
                 log.exception("telemetry publisher error; retrying")
                 time.sleep(0.5)
 
+    def _resend_acknowledged(self) -> None:
+        """Send again what the broker acknowledged shortly before this connection.
+
+        A broker acknowledges a message before it saves it; one that crashed in between came
+        back without it. The copies are duplicates for a broker that did not crash, and the
+        collector stores each (device, boot, seq) once.
+        """
+        self._resend_due = False
+        self._resent_mids.clear()  # earlier copies still in flight settle nothing either way
+        for message in self._outbox.acknowledged():
+            info = self._client.publish(message.topic, message.payload, qos=1)
+            self._resent_mids.add(info.mid)
+            self.resent += 1
+
     def _settle_acks(self) -> None:
         delivered, refused = [], []
         while self._acked_mids:
             mid, failed, reason = self._acked_mids.popleft()
+            if mid in self._resent_mids:  # a copy of a settled message: nothing to do
+                self._resent_mids.discard(mid)
+                continue
             entry = self._inflight.pop(mid, None)
             if entry is None:
                 continue

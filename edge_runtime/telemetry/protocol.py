@@ -10,16 +10,41 @@ See docs/telemetry.md.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgepack/v1"
 MAX_PAYLOAD_BYTES = 64 * 1024  # collectors refuse anything bigger
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+INT64_MAX = 2**63 - 1  # every integer a collector stores is a 64-bit signed column
+
+# Bounded, so a valid message always fits the database: a number the schema accepts can
+# never fail an insert (or overflow a sum) and stall the ingest of every device.
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Seq = Annotated[int, Field(ge=1, le=INT64_MAX)]
+# Short labels (event names, versions, reasons): no control characters (NUL is refused by
+# PostgreSQL text columns) and no bidirectional overrides (they make a page lie about what
+# it shows), and of sane length.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(value: str) -> str:
+    found = _UNPRINTABLE.search(value)
+    if found:
+        raise ValueError(
+            f"character U+{ord(found.group()):04X} at {found.start()} is a control or "
+            "bidirectional-override character"
+        )
+    return value
+
+
+Label = Annotated[str, Field(max_length=256), AfterValidator(_printable)]
 
 
 class Kind(str, Enum):
@@ -32,10 +57,12 @@ class Kind(str, Enum):
 
 def check_name(value: str, what: str) -> str:
     """Fleet and device ids become topic levels: no wildcards, slashes or spaces."""
-    if not _NAME.match(value or ""):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        shown = value if not isinstance(value, str) or len(value) <= 64 else value[:64] + "…"
+        length = f" ({len(value)} characters)" if isinstance(value, str) and len(value) > 64 else ""
         raise ValueError(
-            f"{what} {value!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"{what} {shown!r}{length} is not a valid name: use 1-128 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit"
         )
     return value
 
@@ -61,71 +88,114 @@ def parse_topic(name: str) -> tuple[str, str, Kind] | None:
         return None
 
 
-class Payload(BaseModel):
-    # Strict types: a string where a number belongs is a wrong-typed field, not coerced.
-    model_config = ConfigDict(extra="forbid", strict=True)
+def check_json_value(value: Any) -> Any:
+    """An open JSON object (``device``, ``data``) holds no NaN/Infinity and no huge integer.
 
+    pydantic's JSON parser accepts the ``NaN`` and ``Infinity`` tokens, which are not JSON;
+    and Python's ``json`` refuses to write an integer of more than 4300 digits.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("NaN and Infinity are not JSON numbers")
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -INT64_MAX - 1 <= item <= INT64_MAX:
+                raise ValueError("an integer beyond 64 bits")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_value)]
+
+
+class _Strict(BaseModel):
+    # Strict types: a string where a number belongs is a wrong-typed field, not coerced.
+    # Floats are finite: the NaN and Infinity tokens (and 1e999) are refused.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Payload(_Strict):
     schema_: Literal[1] = Field(alias="schema")
     ts: float
 
 
 class StatusPayload(Payload):
     state: Literal["online", "offline"]
-    boot: int = Field(ge=0)
-    reason: str | None = None
+    boot: Count
+    reason: Label | None = None
+    last_seq: Count | None = Field(
+        None, description="on a clean stop: the last seq this boot committed to its outbox"
+    )
 
 
-class BundleFacts(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    id: str
-    name: str
-    version: str
-    profile: str
-    backend: str
-    recipe: str
+class BundleFacts(_Strict):
+    id: Label
+    name: Label
+    version: Label
+    profile: Label
+    backend: Label
+    recipe: Label
 
 
 class BirthPayload(Payload):
-    boot: int = Field(ge=0)
-    runtime_version: str
-    device: dict[str, Any]
+    boot: Count
+    runtime_version: Label
+    device: JsonObject
     bundle: BundleFacts | None = None
+    previous_boot_last_seq: Count | None = Field(
+        None,
+        description="the last seq boot - 1 committed to the outbox (null on a first boot), so "
+        "a collector counts the lost tail of a boot that ended in a crash",
+    )
 
 
-class LatencyHistogram(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    count: int = Field(ge=0)
+class LatencyHistogram(_Strict):
+    count: Count
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
     max_ms: float | None
     mean_ms: float | None
     buckets_ms: list[float] = Field(description="upper bounds of the histogram buckets")
-    counts: list[int] = Field(description="samples per bucket; one more than buckets_ms")
+    counts: list[Count] = Field(description="samples per bucket; one more than buckets_ms")
 
 
 class StreamPayload(Payload):
-    boot: int = Field(ge=0)
-    seq: int = Field(ge=1)
+    boot: Count
+    seq: Seq
 
 
 class MetricsPayload(StreamPayload):
     interval_s: float
-    inferences: int = Field(ge=0)
-    errors: int = Field(ge=0)
+    inferences: Count
+    errors: Count
     latency: LatencyHistogram
     tokens_per_s: float | None = None
     process: dict[str, float | None]
     system: dict[str, float | None]
-    outbox: dict[str, int]
+    outbox: dict[str, Count]
 
 
 class EventPayload(StreamPayload):
-    event: str
+    event: Label
     level: Literal["info", "warning", "error"] = "info"
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: JsonObject = Field(default_factory=dict)
+
+
+class Command(str, Enum):
+    REPORT_COUNTS = "report_counts"
+
+
+class CommandPayload(Payload):
+    """A request on a device's ``cmd`` topic; the device answers with an ``events`` message."""
+
+    id: Label = Field(description="echoed in the answer, to match it to the request")
+    command: Command
 
 
 PAYLOAD_MODELS: dict[Kind, type[Payload]] = {

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from collector.broker import set_password
 from collector.cli import cli, main
 from collector.settings import CollectorSettings
 from edge_runtime.cli_options import SettingOption
@@ -39,15 +40,23 @@ def get_json(url: str):
 
 def test_embedded_broker_collects_a_3_1_1_agent_end_to_end(cnn_bundle, keypair, tmp_path):
     mqtt_port, http_port = free_port(), free_port()
+    passwd = tmp_path / "passwd"
+    for user, password in (("collector", "c0llect"), ("pi-01", "pi-secret")):
+        set_password(passwd, user, password)
     collector = collector_cli(
         "serve",
         "--embedded-broker",
+        "--broker-password-file",
+        str(passwd),
+        "--username",
+        "collector",
         "--broker",
         f"mqtt://127.0.0.1:{mqtt_port}",
         "--db",
         f"sqlite:///{tmp_path / 'fleet.db'}",
         "--http-port",
         str(http_port),
+        env={"EDGE_COLLECTOR_PASSWORD": "c0llect"},
     )
     agent = None
     try:
@@ -69,6 +78,8 @@ def test_embedded_broker_collects_a_3_1_1_agent_end_to_end(cnn_bundle, keypair, 
                 "pi-01",
                 "--mqtt-version",
                 "3.1.1",
+                "--username",
+                "pi-01",
                 "--metrics-interval-s",
                 "0.5",
                 "--demo-load",
@@ -76,6 +87,7 @@ def test_embedded_broker_collects_a_3_1_1_agent_end_to_end(cnn_bundle, keypair, 
                 "--state-dir",
                 str(tmp_path / "device"),
             ],
+            env={**os.environ, "EDGE_RUNTIME_PASSWORD": "pi-secret"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -110,7 +122,7 @@ def test_migrate_lists_the_applied_migrations(tmp_path):
     output, _ = done.communicate(timeout=30)
 
     assert done.returncode == 0
-    assert output.strip() == "applied: 0001_initial"
+    assert output.strip() == "applied: 0001_initial, 0002_quarantine_boot_ends"
 
 
 @pytest.mark.parametrize(
@@ -134,6 +146,14 @@ def test_migrate_lists_the_applied_migrations(tmp_path):
             "needs MQTT 5",
             2,
         ),
+        (["serve", "--embedded-broker"], {}, "--embedded-broker refuses anonymous clients", 2),
+        (
+            ["serve", "--embedded-broker", "--broker-password-file", "passwd"],
+            {},
+            "the collector logs in to its embedded broker too: give --username",
+            2,
+        ),
+        (["serve", "--allow-anonymous"], {}, "allow_anonymous are for --embedded-broker", 2),
     ],
 )
 def test_bad_settings_are_one_error_line(args, env, message, code, tmp_path):
@@ -165,7 +185,12 @@ FLAG_VALUES = {
     "http_host": (["--http-host", "0.0.0.0"], "0.0.0.0"),
     "http_port": (["--http-port", "9090"], 9090),
     "heartbeat_timeout_s": (["--heartbeat-timeout-s", "12.5"], 12.5),
-    "embedded_broker": (["--embedded-broker"], True),
+    "embedded_broker": (["--embedded-broker", "--allow-anonymous"], True),
+    "allow_anonymous": (["--embedded-broker", "--allow-anonymous"], True),
+    "broker_password_file": (
+        ["--embedded-broker", "--broker-password-file", "passwd", "--username", "collector"],
+        Path("passwd"),
+    ),
     "batch_size": (["--batch-size", "50"], 50),
     "session_expiry_s": (["--session-expiry-s", "60"], 60),
 }
@@ -211,7 +236,7 @@ def test_each_serve_flag_reaches_the_settings(served_settings, field):
 
 
 def test_the_embedded_broker_speaks_3_1_1_unless_told_otherwise(served_settings):
-    assert served_settings("--embedded-broker").mqtt_version == "3.1.1"
+    assert served_settings("--embedded-broker", "--allow-anonymous").mqtt_version == "3.1.1"
     assert served_settings().mqtt_version == "5"
 
 
@@ -241,4 +266,4 @@ def test_migrate_json(tmp_path):
     result = CliRunner().invoke(cli, ["--json", "migrate", "--db", db])
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"applied": ["0001_initial"]}
+    assert json.loads(result.output) == {"applied": ["0001_initial", "0002_quarantine_boot_ends"]}

@@ -8,20 +8,24 @@ the fleet's topics never stops ingest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from collector.service import Collector
 from collector.settings import CollectorSettings
 from collector.storage import Storage
 from edge_runtime.telemetry.protocol import MAX_PAYLOAD_BYTES
+from tests.brokers import Mosquitto
 
 FLEET = "testfleet"
 
@@ -93,7 +97,7 @@ def device_counters(state_dir: Path) -> dict[str, int]:
     """The device's own record: boot, last seq of this boot, and outbox depth."""
     with sqlite3.connect(state_dir / "outbox.db") as db:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        meta["depth"] = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        meta["depth"] = db.execute("SELECT COUNT(*) FROM outbox WHERE acked IS NULL").fetchone()[0]
     return meta
 
 
@@ -271,7 +275,16 @@ def test_two_collectors_in_a_shared_group_store_each_message_once(
     assert all(len(share) > 0.2 * len(want) for share in shares), [len(s) for s in shares]
 
 
-def test_junk_on_fleet_topics_is_counted_and_ingest_goes_on(mosquitto, tmp_path):
+@pytest.fixture
+def open_broker(tmp_path):
+    """A broker without the shipped message_size_limit: the collector's own limit must hold."""
+    broker = Mosquitto(tmp_path / "open-broker", extra_config="message_size_limit 0\n").start()
+    yield broker
+    broker.stop()
+
+
+def test_junk_on_fleet_topics_is_counted_and_ingest_goes_on(open_broker, tmp_path):
+    mosquitto = open_broker
     db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     collector = start_collector(mosquitto.url, db_url, "collector-f")
     publisher = mqtt.Client(
@@ -319,3 +332,180 @@ def test_junk_on_fleet_topics_is_counted_and_ingest_goes_on(mosquitto, tmp_path)
 
     assert dict(stats.rejected) == {reason: 1 for reason in junk}
     assert still_connected
+
+
+def probe_publisher(port: int, client_id: str = "probe-publisher") -> mqtt.Client:
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    return publisher
+
+
+def probe_event(seq: int, event: str = "probe", **changes) -> bytes:
+    body = {"schema": 1, "ts": time.time(), "boot": 1, "seq": seq, "event": event, "data": {}}
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+def test_hostile_messages_are_quarantined_and_the_next_good_one_is_stored_within_seconds(
+    open_broker, tmp_path
+):
+    from tests.collector.test_ingest import install_refusing_trigger
+
+    mosquitto = open_broker
+
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = start_collector(mosquitto.url, db_url, "collector-h")
+    install_refusing_trigger(collector.storage)  # events named "poison" are refused
+    publisher = probe_publisher(mosquitto.port)
+    good = f"edgepack/v1/{FLEET}/dev-h/events"
+    hostile = {
+        "oversized": (good, b'{"schema": 1, "data": "' + b"x" * (3 << 20) + b'"}'),
+        "seq-2^64": (good, probe_event(90).replace(b'"seq": 90', f'"seq": {2**64}'.encode())),
+        "boot-2^63": (
+            f"edgepack/v1/{FLEET}/dev-h/status",
+            f'{{"schema": 1, "ts": 1.0, "state": "online", "boot": {2**63}}}'.encode(),
+        ),
+        "nan": (good, probe_event(91).replace(b'"ts": ', b'"ts": NaN, "x": ')),
+        "long-device-id": (f"edgepack/v1/{FLEET}/{'d' * 20_000}/events", probe_event(92)),
+        "bidi-device-id": (f"edgepack/v1/{FLEET}/dev\u202eh/events", probe_event(93)),
+        "poison": (good, probe_event(94, event="poison")),
+    }
+    waited = {}
+    try:
+        for seq, (name, (topic, payload)) in enumerate(hostile.items(), start=1):
+            publisher.publish(topic, payload, qos=1).wait_for_publish(10)
+            publisher.publish(good, probe_event(seq), qos=1).wait_for_publish(10)
+            started = time.monotonic()
+            wait_until(
+                lambda seq=seq: (1, seq) in collector.storage.stream_keys("dev-h"),
+                10,
+                f"the good message after {name}",
+            )
+            waited[name] = time.monotonic() - started
+        rows = collector.storage.quarantined()
+        stats = collector.ingestor.stats
+        connected, reconnects = collector.connected.is_set(), collector.reconnects
+    finally:
+        publisher.loop_stop()
+        stop_collector(collector)
+
+    assert sorted(row["reason"] for row in rows) == sorted(
+        ["oversized", "invalid_field", "invalid_field", "invalid_field", "bad_topic",
+         "bad_topic", "storage_refused"]
+    )  # fmt: skip
+    oversized = next(row for row in rows if row["reason"] == "oversized")
+    assert oversized["size"] == len(hostile["oversized"][1])
+    assert oversized["payload"] == hostile["oversized"][1][: len(oversized["payload"])]
+    assert stats.quarantined == len(hostile)
+    assert max(waited.values()) < 5, waited
+    assert (connected, reconnects) == (True, 0)  # the 3 MiB packet dropped no connection
+
+
+def test_a_database_outage_holds_the_acknowledgements_and_loses_nothing(
+    mosquitto, tmp_path, caplog
+):
+    from tests.brokers import PrivatePostgres
+
+    postgres = PrivatePostgres().start()
+    publisher = probe_publisher(mosquitto.port)
+    topic = f"edgepack/v1/{FLEET}/dev-o/events"
+    try:
+        collector = start_collector(mosquitto.url, postgres.url, "collector-o")
+        for seq in range(1, 21):
+            publisher.publish(topic, probe_event(seq), qos=1).wait_for_publish(10)
+        wait_until(lambda: len(collector.storage.stream_keys("dev-o")) == 20, 20, "20 stored")
+
+        postgres.stop()  # an outage: not any message's fault
+        for seq in range(21, 61):
+            publisher.publish(topic, probe_event(seq), qos=1).wait_for_publish(10)
+        with caplog.at_level(logging.WARNING, logger="collector.service"):
+            wait_until(lambda: "does not take writes" in caplog.text, 20, "the outage")
+        during = collector.ingestor.stats
+        quarantined, failed = during.quarantined, during.quarantine_failed
+        # Stopped mid-outage: what it held was never acknowledged, so the broker keeps it.
+        stop_collector(collector)
+        postgres.start()
+        collector = start_collector(mosquitto.url, postgres.url, "collector-o")
+        wait_for_keys(collector.storage, "dev-o", [(1, seq) for seq in range(1, 61)], mosquitto)
+        rows = collector.storage.quarantined()
+        stop_collector(collector)
+    finally:
+        publisher.loop_stop()
+        postgres.remove()
+
+    assert (quarantined, failed) == (0, 0)
+    assert rows == []
+
+
+def forget_broker_state(broker) -> None:
+    """Restart the broker without its saved state, as a crash before any autosave leaves it."""
+    broker.stop()
+    (broker.folder / "mosquitto.db").unlink()
+    broker.start()
+
+
+def test_a_broker_that_forgot_the_collectors_session_is_warned_about(mosquitto, tmp_path, caplog):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    caplog.set_level(logging.INFO, logger="collector.service")
+    collector = start_collector(mosquitto.url, db_url, "collector-s")
+    mosquitto.stop()
+    mosquitto.start()  # state saved and restored: the session lives on
+    wait_until(lambda: collector.reconnects == 1 and collector.subscribed.is_set(), 20, "back")
+    kept = collector.sessions_lost
+
+    forget_broker_state(mosquitto)
+    wait_until(lambda: collector.sessions_lost == 1, 20, "the lost session to be noticed")
+    stop_collector(collector)
+    forget_broker_state(mosquitto)  # and again while no collector runs: the database knows
+    restarted = start_collector(mosquitto.url, db_url, "collector-s")
+    restarted_lost = restarted.sessions_lost
+    events = restarted.storage.collector_events()
+    stop_collector(restarted)
+
+    assert kept == 0
+    assert restarted_lost == 1
+    assert [e["event"] for e in events] == ["session_lost", "session_lost"]
+    assert "collector-s a new session" in events[0]["message"]
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "new session" in r.message
+    ]
+    assert len(warnings) == 2
+    assert "collector/mosquitto.conf" in warnings[0].message
+
+
+def test_a_session_that_expired_while_the_collector_was_away_is_no_alarm(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = start_collector(mosquitto.url, db_url, "collector-x", session_expiry_s=1)
+    stop_collector(collector)
+    time.sleep(2.5)  # longer than the session expiry: the broker rightly let it go
+
+    again = start_collector(mosquitto.url, db_url, "collector-x", session_expiry_s=1)
+    lost = again.sessions_lost
+    stop_collector(again)
+
+    assert lost == 0
+
+
+def test_the_shipped_broker_config_turns_an_oversized_publish_away_at_the_door(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = start_collector(mosquitto.url, db_url, "collector-z")
+    attacker = probe_publisher(mosquitto.port, "attacker")
+    disconnected = threading.Event()
+    attacker.on_disconnect = lambda *args: disconnected.set()
+    device = probe_publisher(mosquitto.port, "dev-z")
+    topic = f"edgepack/v1/{FLEET}/dev-z/events"
+    try:
+        attacker.publish(topic, b"x" * (MAX_PAYLOAD_BYTES + 1), qos=1)
+        refused = disconnected.wait(10)
+        attacker.loop_stop()  # it would only send it again
+        for seq in (1, 2):
+            device.publish(topic, probe_event(seq), qos=1).wait_for_publish(10)
+        wait_until(lambda: collector.storage.stream_keys("dev-z") == [(1, 1), (1, 2)], 10, "both")
+        rows = collector.storage.quarantined()
+    finally:
+        device.loop_stop()
+        stop_collector(collector)
+
+    assert refused  # Mosquitto drops the connection of a client over message_size_limit
+    assert rows == []  # it never reached the collector

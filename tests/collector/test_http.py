@@ -338,6 +338,8 @@ def test_prometheus_escapes_label_values_and_reports_the_collector_connection():
         def backlog() -> int:
             return 7
 
+        sessions_lost = 2
+
     device = {"device_id": 'a"b\\c\nd', "fleet": "f", "status": "online", "last_seen": None}
 
     text = render_prometheus([device], {}, IngestStats(), FakeCollector())
@@ -347,6 +349,7 @@ def test_prometheus_escapes_label_values_and_reports_the_collector_connection():
     assert value(families["edgepack_device_up"], device='a"b\\c\nd') == 1
     assert value(families["edgepack_collector_connected"]) == 1
     assert value(families["edgepack_collector_backlog_messages"]) == 7
+    assert value(families["edgepack_collector_sessions_lost"]) == 2
     assert families["edgepack_device_last_seen_timestamp_seconds"].samples == []
 
 
@@ -383,3 +386,86 @@ def test_fleet_page_shows_every_device_with_latency_and_throughput_charts(fleet,
     assert "digits-cnn@1.2.0" in dom and "int8-static" in dom
     assert shot.exists() and shot.stat().st_size > 10_000
     shutil.copy(shot, "/tmp/fleet-page.png")  # for a person to look at
+
+
+# -- the largest valid values never take the fleet's reads down --------------------------------
+INT64_MAX = 2**63 - 1
+
+
+def test_the_largest_valid_numbers_are_read_on_every_backend(db_url):
+    storage = Storage(db_url)
+    ingestor = Ingestor(storage)
+    ts = time.time() - 5
+    report = (2**62, 2**62, 1.0, 2.0, 3.0)
+
+    def add(kind: Kind, body: bytes, device: str = "huge-1") -> RawMessage:
+        return RawMessage(topic(FLEET, device, kind), body, ts)
+
+    ingestor.ingest(
+        [
+            add(Kind.BIRTH, birth("pi-01", ts, boot=INT64_MAX)),
+            add(Kind.METRICS, metrics(INT64_MAX, ts, report, boot=1)),
+            add(Kind.METRICS, metrics(INT64_MAX, ts, report, boot=2)),
+            add(Kind.STATUS, status("online", ts, boot=INT64_MAX)),
+        ]
+    )
+    server = make_server(storage, ingestor.stats)
+    thread = serve_in_thread(server)
+    base = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        devices_code, devices = get_json(f"{base}/api/devices")
+        device_code, device = get_json(f"{base}/api/devices/huge-1")
+        metrics_code, content_type, text = get(f"{base}/metrics")
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+        storage.close()
+
+    assert ingestor.stats.rejected == {}
+    assert (devices_code, device_code, metrics_code) == (200, 200, 200)
+    assert devices[0]["inferences_recent"] == pytest.approx(2**63, rel=1e-12)
+    assert device["messages"] == 2
+    assert device["missing_messages"] == 2 * (INT64_MAX - 1)  # exact: summed in Python
+    assert device["boot"] == INT64_MAX
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    assert value(families["edgepack_device_inferences"], device="huge-1") == pytest.approx(2**63)
+    assert value(families["edgepack_device_missing_messages"], device="huge-1") == pytest.approx(
+        2 * (INT64_MAX - 1)
+    )
+
+
+def test_quarantine_lists_what_was_refused_with_the_start_of_its_payload(fleet):
+    _, _, base = fleet
+
+    code, rows = get_json(f"{base}/api/quarantine")
+
+    assert code == 200
+    (row,) = rows
+    assert (row["topic"], row["reason"]) == ("edgepack/v1/shop/pi-01/metrics", "malformed_json")
+    assert row["payload_start"] == "{not json"
+    assert row["size"] == len(b"{not json")
+    assert row["error"].startswith("edgepack/v1/shop/pi-01/metrics: Invalid JSON: ")
+
+
+def test_collector_events_are_served_and_the_page_shows_them(tmp_path):
+    storage = Storage(f"sqlite:///{tmp_path / 'fleet.db'}")
+    storage.add_collector_event("collector-1", "warning", "session_lost", "the broker forgot us")
+    server = make_server(storage, IngestStats())
+    thread = serve_in_thread(server)
+    base = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        code, events = get_json(f"{base}/api/collector/events")
+        _, _, page = get(f"{base}/")
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+        storage.close()
+
+    assert code == 200
+    assert [(e["client_id"], e["event"], e["message"]) for e in events] == [
+        ("collector-1", "session_lost", "the broker forgot us")
+    ]
+    assert b'id="collector-events"' in page
+    assert b'getJSON("/api/collector/events")' in page

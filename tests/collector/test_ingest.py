@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 
 import pytest
 
+from collector.errors import StorageError
 from collector.ingest import Ingestor, RawMessage
 from collector.storage import Storage
 from edge_runtime.telemetry.protocol import MAX_PAYLOAD_BYTES, Kind, topic
@@ -395,3 +397,201 @@ def test_counters_add_up_over_batches(ingestor):
     assert (stats.received, stats.stored, stats.duplicates) == (9, 2, 2)
     assert (stats.births, stats.statuses, stats.batches) == (2, 2, 2)
     assert stats.rejected == {"malformed_json": 1}
+
+
+# -- hostile messages: each is quarantined raw, with its error, and ingest goes on ---------------
+def raw_json(kind: Kind, payload: dict, path: str, token: str, device: str = "pi-1") -> RawMessage:
+    """A message whose field at ``path`` is the raw JSON ``token`` (NaN, a huge number)."""
+    text = with_field(payload, path, "@@").decode().replace('"@@"', token)
+    return raw(kind, text.encode(), device=device)
+
+
+HOSTILE = {
+    "seq-2^64": (
+        raw_json(Kind.METRICS, metrics_payload(1, 1, 1.0), "seq", str(2**64)),
+        "invalid_field",
+        "seq: Input should be less than or equal to 9223372036854775807",
+    ),
+    "boot-2^63": (
+        raw_json(Kind.STATUS, status_payload("online", 1, 1.0, "x"), "boot", str(2**63)),
+        "invalid_field",
+        "boot: Input should be less than or equal to 9223372036854775807",
+    ),
+    "inferences-2^63": (
+        raw_json(Kind.METRICS, metrics_payload(1, 1, 1.0), "inferences", str(2**63)),
+        "invalid_field",
+        "inferences: Input should be less than or equal to",
+    ),
+    "nan-token": (
+        raw_json(Kind.METRICS, metrics_payload(1, 1, 1.0), "interval_s", "NaN"),
+        "invalid_field",
+        "interval_s: Input should be a finite number",
+    ),
+    "ts-infinity": (
+        raw_json(Kind.EVENTS, event_payload(1, 1, 1.0), "ts", "Infinity"),
+        "invalid_field",
+        "ts: Input should be a finite number",
+    ),
+    "nan-in-data": (
+        raw_json(Kind.EVENTS, event_payload(1, 1, 1.0), "data", '{"x": NaN}'),
+        "invalid_field",
+        "data: Value error, NaN and Infinity are not JSON numbers",
+    ),
+    "huge-int-in-data": (
+        raw_json(Kind.EVENTS, event_payload(1, 1, 1.0), "data", '{"x": ' + "9" * 5000 + "}"),
+        "malformed_json",
+        "number out of range",
+    ),
+    "nul-in-event-name": (
+        raw(Kind.EVENTS, with_field(event_payload(1, 1, 1.0), "event", "a\u0000b")),
+        "invalid_field",
+        "event: Value error, character U+0000 at 1 is a control",
+    ),
+    "device-id-20000-chars": (
+        raw(Kind.EVENTS, event_payload(1, 1, 1.0), device="d" * 20_000),
+        "bad_topic",
+        "(20000 characters) is not a valid name: use 1-128 letters",
+    ),
+    "device-id-right-to-left-override": (
+        raw(Kind.EVENTS, event_payload(1, 1, 1.0), device="pi-\u202e1"),
+        "bad_topic",
+        "device id 'pi-\\u202e1' is not a valid name",  # escaped: the log cannot be turned
+    ),
+    "device-id-with-newline": (
+        raw(Kind.STATUS, status_payload("online", 1, 1.0, "x"), device="pi-1\n"),
+        "bad_topic",
+        "device id 'pi-1\\n' is not a valid name",
+    ),
+    "oversized-3MiB": (  # as the wire hands over a packet too large to hold: its start, its size
+        RawMessage(topic(FLEET, "pi-1", Kind.EVENTS), b'{"schema": 1, "x": "', 1.0, False, 3 << 20),
+        "oversized",
+        f"{3 << 20} bytes > 65536 on edgepack/v1/{FLEET}/pi-1/events",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_message_is_quarantined_and_the_next_good_one_is_stored(storage, case):
+    bad, reason, error = HOSTILE[case]
+    ingestor = Ingestor(storage)
+
+    ingestor.ingest([bad])
+    ingestor.ingest([raw(Kind.EVENTS, event_payload(1, 1, time.time()))])
+    (row,) = storage.quarantined()
+
+    assert storage.stream_keys("pi-1") == [(1, 1)]
+    assert row["reason"] == reason
+    assert row["topic"] == (bad.topic if len(bad.topic) <= 1024 else bad.topic[:1024] + "…")
+    assert error in row["error"]
+    assert len(row["error"]) < 600
+    assert row["payload"] == bad.payload[: 64 * 1024]
+    assert row["size"] == (bad.size or len(bad.payload))
+    assert row["received"] == pytest.approx(bad.received)
+    assert ingestor.stats.rejected == {reason: 1}
+    assert (ingestor.stats.quarantined, ingestor.stats.quarantine_failed) == (1, 0)
+
+
+def test_the_quarantine_keeps_only_the_newest_rows(sqlite_storage, monkeypatch):
+    from collector import storage as storage_module
+
+    monkeypatch.setattr(storage_module, "QUARANTINE_MAX_ROWS", 5)
+    ingestor = Ingestor(sqlite_storage)
+
+    ingestor.ingest([raw(Kind.EVENTS, f"junk {n}".encode()) for n in range(12)])
+
+    rows = sqlite_storage.quarantined()
+    assert [row["payload"] for row in rows] == [f"junk {n}".encode() for n in range(11, 6, -1)]
+
+
+# A row the database itself refuses (a trigger stands in for any constraint the protocol's
+# schema does not know): the batch is split until the refused message is found.
+REFUSING_TRIGGER = {
+    "sqlite": [
+        "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.event = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+    ],
+    "postgres": [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.event = 'poison' THEN RAISE EXCEPTION 'refused by a trigger'; END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+
+
+def install_refusing_trigger(storage: Storage) -> None:
+    for statement in REFUSING_TRIGGER[storage.dialect]:
+        storage._execute(statement)
+
+
+def test_a_message_the_database_refuses_is_quarantined_and_the_rest_stored(storage):
+    install_refusing_trigger(storage)
+    ingestor = Ingestor(storage)
+    now = time.time()
+    messages = [raw(Kind.EVENTS, event_payload(1, seq, now, "tick")) for seq in range(1, 41)]
+    messages[25] = raw(Kind.EVENTS, event_payload(1, 26, now, "poison"))
+    messages.append(raw(Kind.METRICS, b"not json"))
+
+    ingestor.ingest(messages)
+    rows = storage.quarantined()
+
+    assert storage.stream_keys("pi-1") == [(1, seq) for seq in range(1, 41) if seq != 26]
+    assert sorted(row["reason"] for row in rows) == ["malformed_json", "storage_refused"]
+    refused = next(row for row in rows if row["reason"] == "storage_refused")
+    assert "refused by a trigger" in refused["error"]
+    assert json.loads(refused["payload"])["seq"] == 26
+    assert ingestor.stats.rejected == {"storage_refused": 1, "malformed_json": 1}
+    assert (ingestor.stats.stored, ingestor.stats.quarantined) == (39, 2)
+    assert ingestor.stats.batches == 1
+
+
+def test_a_batch_waits_out_a_locked_database_and_nothing_is_quarantined(tmp_path):
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    storage = Storage(url)
+    ingestor = Ingestor(storage)
+    prepared = ingestor.prepare([raw(Kind.EVENTS, event_payload(1, 1, time.time()))])
+    other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the database: an outage
+
+    with pytest.raises(StorageError, match="does not take writes: .*database is locked"):
+        ingestor.commit(prepared)
+    pending = len(prepared.pending)
+    other.execute("ROLLBACK")
+    ingestor.commit(prepared)
+
+    assert pending == 1
+    assert storage.stream_keys("pi-1") == [(1, 1)]
+    assert storage.quarantined() == []
+    assert (ingestor.stats.stored, ingestor.stats.quarantined) == (1, 0)
+    other.close()
+    storage.close()
+
+
+def test_the_tail_a_device_reports_counts_as_missing(ingestor, storage):
+    now = time.time()
+    birth_2 = {**birth_payload(2, now), "previous_boot_last_seq": 7}  # boot 1 ended at 7
+    birth_4 = {**birth_payload(4, now), "previous_boot_last_seq": 5}  # boot 3: nothing stored
+    shutdown = {**status_payload("offline", 2, now, "shutdown"), "last_seq": 4}
+
+    ingestor.ingest(
+        [raw(Kind.METRICS, metrics_payload(1, seq, now)) for seq in (1, 2, 3)]
+        + [raw(Kind.BIRTH, birth_2, retained=True), raw(Kind.EVENTS, event_payload(2, 1, now))]
+        + [raw(Kind.STATUS, shutdown, retained=True), raw(Kind.BIRTH, birth_4, retained=True)]
+    )
+    before = storage.device("pi-1")
+    ingestor.ingest([raw(Kind.BIRTH, birth_2, retained=True)])  # retained: resent on subscribe
+    ingestor.ingest([raw(Kind.METRICS, metrics_payload(1, seq, now)) for seq in (4, 5, 6, 7)])
+    after = storage.device("pi-1")
+
+    # boot 1: 3 of 7; boot 2: 1 of 4; boot 3: 0 of 5
+    assert (before["messages"], before["missing_messages"]) == (4, 4 + 3 + 5)
+    assert (after["messages"], after["missing_messages"]) == (8, 3 + 5)
+
+
+def test_a_tail_report_never_lowers_what_was_stored(ingestor, storage):
+    now = time.time()
+    late = {**birth_payload(2, now), "previous_boot_last_seq": 2}  # says 2, yet 5 arrived
+
+    ingestor.ingest([raw(Kind.EVENTS, event_payload(1, 5, now)), raw(Kind.BIRTH, late)])
+
+    assert storage.device("pi-1")["missing_messages"] == 4

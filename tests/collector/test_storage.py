@@ -14,6 +14,7 @@ from collector.storage import METRIC_COLUMNS, METRIC_PATHS, Batch, Storage
 from edge_runtime.telemetry.protocol import MetricsPayload
 
 FLEET = "plant-7"
+SHIPPED = ["0001_initial", "0002_quarantine_boot_ends"]
 FACTS = {"arch": "aarch64", "cores": 4, "ram_mb": 3906.0}
 BUNDLE = {
     "id": "sha256:abc",
@@ -109,7 +110,7 @@ def test_a_second_open_applies_nothing(db_url):
     second.close()
 
     assert applied == []
-    assert names == ["0001_initial"]
+    assert names == SHIPPED
     assert [row["inferences"] for row in rows] == [3]
 
 
@@ -120,7 +121,7 @@ def test_a_new_migration_is_applied_once_on_the_next_open(db_url, monkeypatch):
         "MIGRATIONS",
         [
             *storage_module.MIGRATIONS,
-            ("0002_probe", lambda dialect: ["CREATE TABLE probe (x INT)"]),
+            ("9002_probe", lambda dialect: ["CREATE TABLE probe (x INT)"]),
         ],
     )
 
@@ -130,30 +131,31 @@ def test_a_new_migration_is_applied_once_on_the_next_open(db_url, monkeypatch):
     upgraded.close()
     again.close()
 
-    assert names == ["0001_initial", "0002_probe"]
+    assert names == [*SHIPPED, "9002_probe"]
 
 
 def test_a_failing_migration_leaves_nothing_behind(db_url, monkeypatch):
     Storage(db_url).close()
+    shipped = list(storage_module.MIGRATIONS)
     broken = ["CREATE TABLE half (x INT)", "CREATE TABLE devices (x INT)"]  # exists: fails
     monkeypatch.setattr(
         storage_module,
         "MIGRATIONS",
-        [*storage_module.MIGRATIONS, ("0002_broken", lambda d: broken)],
+        [*storage_module.MIGRATIONS, ("9002_broken", lambda d: broken)],
     )
     with pytest.raises(StorageError, match="devices"):
         Storage(db_url)
     monkeypatch.setattr(
         storage_module,
         "MIGRATIONS",
-        [*storage_module.MIGRATIONS[:1], ("0002_fixed", lambda d: ["CREATE TABLE half (x INT)"])],
+        [*shipped, ("9002_fixed", lambda d: ["CREATE TABLE half (x INT)"])],
     )
 
     fixed = Storage(db_url)  # would fail if the broken migration had left "half" behind
     names = fixed.applied_migrations()
     fixed.close()
 
-    assert names == ["0001_initial", "0002_fixed"]
+    assert names == [*SHIPPED, "9002_fixed"]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from collector.wire import (
+    MAX_PACKET,
     MqttError,
     Subscriber,
     _varint,
@@ -68,7 +69,8 @@ def test_packets_split_across_reads_are_reassembled():
     found = []
     for byte in stream:  # the worst case: one byte per read
         buffer.append(byte)
-        packets, used = split_packets(buffer)
+        packets, used, oversized = split_packets(buffer)
+        assert oversized is None
         del buffer[:used]
         found.extend(packets)
 
@@ -180,3 +182,52 @@ def test_refused_subscription_and_closed_connection_raise():
     broker.close()
     with pytest.raises(OSError):
         subscriber.read(10, timeout=1)
+
+
+def test_a_packet_over_the_limit_is_announced_not_buffered():
+    big = publish_packet("t/big", b"x" * (MAX_PACKET + 10), 9)
+    small = publish_packet("t/1", b"{}", 1)
+
+    packets, used, oversized = split_packets(bytearray(small + big[:1000]))
+
+    body_length = 2 + len("t/big") + 2 + 3 + MAX_PACKET + 10  # topic, packet id, properties
+    assert [p[0] for p in packets] == [3]
+    assert oversized == (0x32, body_length)
+    assert used == len(small) + len(big) - body_length  # the big body starts right after
+
+
+def test_an_oversized_publish_is_skipped_as_it_streams_and_the_connection_stays():
+    broker = FakeBroker()
+    subscriber = _connect(broker)
+    payload = b'{"schema": 1, "blob": "' + b"y" * (3 * 2**20) + b'"}'
+    stream = (
+        publish_packet("edgepack/v1/f/d/events", b"{}", 1)
+        + publish_packet("edgepack/v1/f/d/events", payload, 2)
+        + publish_packet("edgepack/v1/f/d/events", b"[]", 3)
+    )
+    messages, held = [], []
+    for start in range(0, len(stream), 1 << 16):  # 64 KiB at a time, as a socket delivers
+        broker.send(stream[start : start + (1 << 16)])
+        messages += subscriber.read(10, timeout=0.5, linger=0.05)
+        discard = subscriber._discard
+        held.append(len(subscriber._buffer) + (len(discard.kept) if discard else 0))
+    messages += subscriber.read(10, timeout=1)
+    subscriber.ack(messages)
+
+    assert [(m.packet_id, m.size) for m in messages] == [(1, None), (2, len(payload)), (3, None)]
+    assert messages[1].payload == payload[: len(messages[1].payload)]
+    assert 0 < len(messages[1].payload) <= MAX_PACKET
+    assert max(held) <= MAX_PACKET + (1 << 16)  # never the whole 3 MiB
+    assert broker.expect(12) == encode_pubacks([1, 2, 3])
+    subscriber.close()
+    broker.close()
+
+
+def test_an_oversized_packet_that_is_not_a_publish_is_a_broken_stream():
+    broker = FakeBroker()
+    subscriber = _connect(broker)
+    broker.send(b"\x90" + _varint(MAX_PACKET + 1) + b"\x00" * 100)  # a SUBACK of 256 KiB
+
+    with pytest.raises(MqttError, match="not MQTT"):
+        subscriber.read(10, timeout=1)
+    broker.close()

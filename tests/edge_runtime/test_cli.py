@@ -453,6 +453,7 @@ AGENT_FLAG_VALUES = {
     "outbox_max_mb": (["--outbox-max-mb", "8"], 8.0),
     "outbox_max_age_h": (["--outbox-max-age-h", "12"], 12.0),
     "window": (["--window", "50"], 50),
+    "resend_acked_s": (["--resend-acked-s", "2.5"], 2.5),
     "pubkey": (["--pubkey", "k.pub"], Path("k.pub")),
     "demo_load": (["--demo-load", "3"], 3.0),
     "threads": (["--threads", "2"], 2),

@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_runtime import __version__
-from edge_runtime.errors import InputSignatureError
+from edge_runtime.errors import InputSignatureError, TelemetryError
 from edge_runtime.runtime import Runtime
 from edge_runtime.selftest import load_vectors
 from edge_runtime.telemetry.aggregate import device_facts
@@ -82,6 +82,8 @@ class Listener:
     def _on_message(self, client, userdata, message) -> None:
         try:  # the device must speak the protocol; ``close`` reports what did not
             _, _, kind = parse_topic(message.topic)
+            if kind is Kind.CMD:
+                return  # requests to devices: not what a device sends
             payload = json.loads(message.payload)
             PAYLOAD_MODELS[kind].model_validate(payload)
         except Exception as exc:
@@ -292,11 +294,12 @@ def test_a_restarted_client_starts_a_new_boot(make_client, listener):
     second = make_client()
     seq = second.event("hello")
 
-    events = listener.wait_for(Kind.EVENTS, lambda found: len(found) >= 2)
+    events = listener.wait_for(Kind.EVENTS, lambda found: any(e["boot"] == 2 for e in found))
     births = listener.wait_for(Kind.BIRTH, lambda found: len(found) >= 2)
     assert second.boot == 2
     assert seq == 1
-    assert [(e["boot"], e["seq"]) for e in events] == [(1, 1), (2, 1)]
+    # (1, 1) comes twice: the new boot sends again what the broker acknowledged just before.
+    assert sorted(set((e["boot"], e["seq"]) for e in events)) == [(1, 1), (2, 1)]
     assert [b["boot"] for b in births] == [1, 2]
 
 
@@ -488,3 +491,99 @@ def test_messages_the_broker_refuses_are_counted_as_dropped(tmp_path):
         client.stop(flush_timeout_s=0.1)
 
     assert (depth, dropped) == (0, 2)
+
+
+# -- the device's own record: the last seq of each boot, and counts on request -----------------
+def test_the_next_birth_reports_the_last_seq_the_previous_boot_committed(
+    make_client, listener, mosquitto
+):
+    first = make_client()
+    listener.wait_for(Kind.BIRTH, lambda found: len(found) >= 1)
+    mosquitto.stop()  # what the first boot commits now never leaves the device
+    tail = [first.event("unsent", index=index) for index in range(3)]
+    first.stop(flush_timeout_s=0.1)  # its final metrics is seq 4: the boot ends at 4
+    mosquitto.start()
+    listener.wait_subscribed()
+
+    second = make_client()
+    births = listener.wait_for(Kind.BIRTH, lambda found: any(b["boot"] == 2 for b in found))
+
+    first_birth = next(b for b in births if b["boot"] == 1)
+    second_birth = next(b for b in births if b["boot"] == 2)
+    assert tail == [1, 2, 3]
+    assert "previous_boot_last_seq" not in first_birth  # a first boot has none
+    assert second_birth["previous_boot_last_seq"] == 4
+    assert second.boot == 2
+
+
+def test_a_clean_stop_says_the_boots_last_seq(client, listener):
+    client.event("one")
+    client.event("two")
+    client.stop()
+
+    statuses = listener.wait_for(
+        Kind.STATUS, lambda found: any(s["reason"] == "shutdown" for s in found)
+    )
+
+    shutdown = next(s for s in statuses if s["reason"] == "shutdown")
+    assert shutdown["last_seq"] == 3  # two events, then the final metrics
+
+
+def test_report_counts_on_request_answers_with_an_event(client, listener, mosquitto):
+    for index in range(4):
+        client.event("work", index=index)
+    assert client.flush(TIMEOUT_S)
+    requester = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "fleet-owner", protocol=mqtt.MQTTv5)
+    requester.connect("127.0.0.1", mosquitto.port)
+    requester.loop_start()
+    command_topic = f"edgepack/v1/{FLEET}/{DEVICE}/cmd"
+    try:
+        requester.publish(command_topic, b'{"schema": 1, "ts": 0, "id": "x"}', 1).wait_for_publish()
+        request = {"schema": 1, "ts": time.time(), "id": "audit-7", "command": "report_counts"}
+        requester.publish(command_topic, json.dumps(request), 1).wait_for_publish()
+        events = listener.wait_for(Kind.EVENTS, lambda found: "outbox_counts" in event_names(found))
+    finally:
+        requester.loop_stop()
+        requester.disconnect()
+
+    (answer,) = [e for e in events if e["event"] == "outbox_counts"]
+    assert answer["data"] == {
+        "request_id": "audit-7",
+        "boot": 1,
+        "seq": 4,
+        "committed": 4,
+        "dropped": 0,
+        "depth": 0,
+    }
+    assert answer["seq"] == 5  # the answer is itself a numbered message
+
+
+def test_what_the_broker_acknowledged_just_before_it_crashed_is_sent_again(
+    make_client, listener, mosquitto, state_dir
+):
+    client = make_client(resend_acked_s=30)
+    assert client.connected.wait(TIMEOUT_S)
+    seqs = [client.event("acked", index=index) for index in range(5)]
+    assert client.flush(TIMEOUT_S)
+    listener.wait_for(Kind.EVENTS, lambda found: len(found) >= 5)
+    mosquitto.kill()  # before it saved (a kill -9 saves nothing more)
+    (mosquitto.folder / "mosquitto.db").unlink(missing_ok=True)  # as if it had never saved
+    mosquitto.start()
+    listener.wait_subscribed()
+
+    events = listener.wait_for(Kind.EVENTS, lambda found: len(found) >= 10)
+
+    assert seqs == [1, 2, 3, 4, 5]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5] * 2  # each once more after the crash
+    assert client.resent >= 5
+    assert outbox_depth(state_dir) == 0  # the copies are not waiting for anything
+
+
+def test_an_event_larger_than_a_collector_accepts_is_refused_and_uses_no_seq(client, state_dir):
+    before = client.event("small")
+
+    with pytest.raises(TelemetryError, match=r"events message of \d+ bytes: a collector accepts"):
+        client.event("big", blob="x" * 70_000)
+    after = client.event("small")
+
+    assert (before, after) == (1, 2)

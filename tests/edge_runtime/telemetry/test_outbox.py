@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -256,3 +258,40 @@ def test_messages_put_before_a_sigkill_are_all_there(path, count):
     assert process.returncode == -9, process.stderr.decode()
     assert stored == list(range(1, count + 1))
     assert boot == 2
+
+
+def test_acknowledged_messages_are_kept_only_for_the_resend_window(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.db", keep_acked_s=0.5)
+    outbox.put("t", lambda seq: b"one")
+    outbox.ack([m.id for m in outbox.after(0, 10)])
+    kept = [m.payload for m in outbox.acknowledged()]
+    time.sleep(1.1)
+    outbox.put("t", lambda seq: b"two")
+    outbox.ack([m.id for m in outbox.after(0, 10)])  # an acknowledgement purges the old ones
+
+    assert kept == [b"one"]
+    assert [m.payload for m in outbox.acknowledged()] == [b"two"]
+    assert (outbox.depth(), outbox.after(0, 10)) == (0, [])
+    outbox.close()
+
+
+def test_an_outbox_made_before_acknowledged_messages_were_kept_is_upgraded(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+        "payload BLOB NOT NULL, created REAL NOT NULL);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "INSERT INTO outbox (topic, payload, created) VALUES ('t', x'7b7d', 1e12);"
+    )
+    old.commit()
+    old.close()
+
+    outbox = Outbox(path)
+    waiting = outbox.after(0, 10)
+    outbox.ack([m.id for m in waiting])
+
+    assert [m.payload for m in waiting] == [b"{}"]
+    assert [m.payload for m in outbox.acknowledged()] == [b"{}"]
+    assert outbox.depth() == 0
+    outbox.close()

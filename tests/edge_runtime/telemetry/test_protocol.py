@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -12,6 +13,8 @@ from edge_runtime.telemetry.protocol import (
     SCHEMA_VERSION,
     TOPIC_ROOT,
     BirthPayload,
+    Command,
+    CommandPayload,
     EventPayload,
     Kind,
     MetricsPayload,
@@ -229,3 +232,113 @@ def test_an_event_defaults_to_level_info_and_no_data():
     parsed = EventPayload.model_validate(data)
 
     assert (parsed.level, parsed.data) == ("info", {})
+
+
+# -- bounds: every number a collector stores fits a 64-bit column; every float is finite ------
+INT64_MAX = 2**63 - 1
+
+
+def as_json(kind: Kind, path: tuple[str, ...], token: str) -> str:
+    """VALID[kind] as JSON text with the field at ``path`` replaced by a raw JSON ``token``."""
+    return json.dumps(changed(kind, path, "@@")).replace('"@@"', token)
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        (Kind.STATUS, ("boot",)),
+        (Kind.BIRTH, ("boot",)),
+        (Kind.METRICS, ("seq",)),
+        (Kind.METRICS, ("boot",)),
+        (Kind.METRICS, ("inferences",)),
+        (Kind.METRICS, ("errors",)),
+        (Kind.METRICS, ("latency", "count")),
+        (Kind.METRICS, ("outbox", "dropped")),
+        (Kind.EVENTS, ("seq",)),
+    ],
+)
+def test_integers_are_64_bit_signed_at_most(kind, path):
+    model = PAYLOAD_MODELS[kind]
+
+    model.model_validate_json(as_json(kind, path, str(INT64_MAX)))  # the largest is fine
+    for token in (str(INT64_MAX + 1), str(2**64), "1" + "0" * 4000):
+        with pytest.raises(ValidationError, match="less than or equal to 9223372036854775807"):
+            model.model_validate_json(as_json(kind, path, token))
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        (Kind.STATUS, ("ts",)),
+        (Kind.METRICS, ("interval_s",)),
+        (Kind.METRICS, ("latency", "p95_ms")),
+        (Kind.METRICS, ("latency", "buckets_ms")),
+        (Kind.METRICS, ("process", "cpu_percent")),
+        (Kind.METRICS, ("tokens_per_s",)),
+    ],
+)
+def test_nan_and_infinity_are_refused(kind, path, token):
+    token = f"[{token}]" if path[-1] == "buckets_ms" else token
+
+    with pytest.raises(ValidationError, match="finite number"):
+        PAYLOAD_MODELS[kind].model_validate_json(as_json(kind, path, token))
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "token", "message"),
+    [
+        (Kind.EVENTS, ("data",), '{"x": [1, NaN]}', "NaN and Infinity are not JSON numbers"),
+        (Kind.EVENTS, ("data",), '{"x": {"y": Infinity}}', "NaN and Infinity"),
+        (Kind.EVENTS, ("data",), '{"x": 18446744073709551616}', "an integer beyond 64 bits"),
+        (Kind.BIRTH, ("device",), '{"ram_mb": -Infinity}', "NaN and Infinity"),
+    ],
+)
+def test_open_objects_hold_only_plain_json(kind, path, token, message):
+    with pytest.raises(ValidationError, match=message):
+        PAYLOAD_MODELS[kind].model_validate_json(as_json(kind, path, token))
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        (Kind.EVENTS, ("event",)),
+        (Kind.STATUS, ("reason",)),
+        (Kind.BIRTH, ("runtime_version",)),
+        (Kind.BIRTH, ("bundle", "name")),
+    ],
+)
+@pytest.mark.parametrize("text", ["a\u0000b", "evil\u202etxt.exe", "two\nlines", "x" * 257])
+def test_labels_refuse_control_and_bidi_characters_and_length(kind, path, text):
+    with pytest.raises(ValidationError, match="control or bidirectional|at most 256"):
+        PAYLOAD_MODELS[kind].model_validate(changed(kind, path, text))
+
+
+def test_labels_take_any_printable_unicode():
+    parsed = EventPayload.model_validate(changed(Kind.EVENTS, ("event",), "café_门"))
+
+    assert parsed.event == "café_门"
+
+
+@pytest.mark.parametrize("name", ["pi-1\n", "pi\u202e1", "x" * 20_000, "pi\u00001", "пи-1"])
+def test_check_name_refuses_newlines_bidi_nul_and_non_ascii(name):
+    with pytest.raises(ValueError, match="is not a valid name"):
+        check_name(name, "device id")
+
+
+def test_the_tail_fields_are_optional_counts():
+    birth = BirthPayload.model_validate({**VALID[Kind.BIRTH], "previous_boot_last_seq": 41})
+    status = StatusPayload.model_validate({**VALID[Kind.STATUS], "last_seq": 7})
+
+    assert (birth.previous_boot_last_seq, status.last_seq) == (41, 7)
+    assert BirthPayload.model_validate(VALID[Kind.BIRTH]).previous_boot_last_seq is None
+    with pytest.raises(ValidationError):
+        StatusPayload.model_validate({**VALID[Kind.STATUS], "last_seq": -1})
+
+
+def test_a_command_names_a_known_request():
+    text = '{"schema": 1, "ts": 1.0, "id": "r-1", "command": "report_counts"}'
+
+    assert CommandPayload.model_validate_json(text).command is Command.REPORT_COUNTS
+    with pytest.raises(ValidationError, match="command"):
+        CommandPayload.model_validate_json(text.replace("report_counts", "reboot"))

@@ -27,3 +27,11 @@ class BackendError(EdgeRuntimeError):
 
 class ModelFileError(EdgeRuntimeError):
     """A model file is malformed or truncated (checked before the engine loads it)."""
+
+
+class ServiceError(EdgeRuntimeError):
+    """``edge-runtime serve`` cannot start as asked (bundle names, key or TLS files)."""
+
+
+class AccessError(ServiceError):
+    """Serving would expose the models without an API key, or the key is unusable."""

@@ -39,7 +39,6 @@ from .tensors import tensor_metadata
 log = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})=(.+)$")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite", "gguf": "llama.cpp"}
 # Recipes that quantize activations with ranges measured on each run's whole batch: a
 # request's result would depend on the requests batched with it, so they are not batched.
@@ -66,10 +65,10 @@ def resolve_bundles(args: Sequence[str], pubkey: Path | None) -> list[BundleRef]
 
     refs: list[BundleRef] = []
     for arg in args:
-        match = NAMED.match(arg)
-        name, path = (match.group(1), Path(match.group(2))) if match else (None, Path(arg))
-        if match and Path(arg).exists():  # a file whose name has '=' in it
-            name, path = None, Path(arg)
+        given, named, rest = arg.partition("=")
+        name, path = None, Path(arg)
+        if named and not path.exists() and rest:  # NAME=BUNDLE, not a file with '=' in it
+            name, path = given, Path(rest)
         if not path.is_file():
             raise ServiceError(f"bundle {path} does not exist")
         manifest = verify_bundle(path, pubkey).manifest

@@ -269,7 +269,8 @@ async def model_ready(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     model = _model(request)
     if not model.ready:
-        raise NotReady(f"model {model.name!r} is not ready", retry_after_s=1.0)
+        why = getattr(model, "problem", None) or "loading or stopping"
+        raise NotReady(f"model {model.name!r} is not ready: {why}", retry_after_s=1.0)
     body = await request.body()
     meta = model.metadata()
     parsed = parse_infer(meta, body, request.headers.get(HEADER_LENGTH))

@@ -234,6 +234,7 @@ def run_serve(
         if client is not None:
             client.event("serve_stopped", served=[ref.name for ref in refs])
             client.stop()
+        log.info("stopped")
     if failure:
         error = failure[0]
         if isinstance(error, EdgeRuntimeError):
@@ -250,6 +251,8 @@ def _uvicorn_server(config, stop: threading.Event, state, extensions):
 
     import uvicorn
 
+    config_drain_s = config.timeout_graceful_shutdown
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
@@ -257,6 +260,8 @@ def _uvicorn_server(config, stop: threading.Event, state, extensions):
 
         async def on_tick(self, counter: int) -> bool:
             if stop.is_set():
+                if not state.draining:
+                    log.info("stopping: in-flight requests get up to %g s", config_drain_s)
                 state.draining = True  # ready answers 503 from now on
                 return True
             if counter % 10 == 0:

@@ -6,11 +6,15 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from .errors import EdgeRuntimeError
 from .telemetry.client import TelemetryClient, TelemetrySettings
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "EDGE_RUNTIME_"
@@ -71,6 +75,28 @@ def demo_requests(runtime, rate: float, stop: threading.Event) -> int:
     return done
 
 
+def open_reported(
+    bundle: Path, pubkey: Path | None, threads: int | None, client: TelemetryClient | None
+) -> Runtime:
+    """``Runtime.open`` reporting to ``client``; a bundle that fails to verify or load is
+    reported as a ``bundle_error`` event before the error is raised. ``agent`` and
+    ``serve`` both open their bundles through here.
+
+    Raises:
+        EdgeRuntimeError: as ``Runtime.open``.
+    """
+    from .runtime import Runtime
+
+    try:
+        return Runtime.open(bundle, pubkey, threads=threads, telemetry=client)
+    except EdgeRuntimeError as exc:
+        if client is not None:
+            # An event has a size limit (TelemetryError beyond it): a long message is cut.
+            message = str(exc) if len(str(exc)) <= 2000 else str(exc)[:2000] + "…"
+            client.event("bundle_error", "error", message=message, bundle=str(bundle))
+        raise
+
+
 def run_agent(settings: AgentSettings, stop: threading.Event | None = None) -> int:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when run from the CLI).
 
@@ -79,19 +105,10 @@ def run_agent(settings: AgentSettings, stop: threading.Event | None = None) -> i
     Raises:
         EdgeRuntimeError: the bundle cannot be verified or loaded (reported as an event first).
     """
-    from .runtime import Runtime
-
     stop = stop or threading.Event()
     client = TelemetryClient(settings).start()
     try:
-        try:
-            runtime = Runtime.open(
-                settings.bundle, settings.pubkey, threads=settings.threads, telemetry=client
-            )
-        except EdgeRuntimeError as exc:
-            message = str(exc) if len(str(exc)) <= 2000 else str(exc)[:2000] + "…"
-            client.event("bundle_error", "error", message=message, bundle=str(settings.bundle))
-            raise
+        runtime = open_reported(settings.bundle, settings.pubkey, settings.threads, client)
         with runtime:
             report = runtime.selftest()
             log.info(

@@ -21,6 +21,7 @@ from .cli_support import (
     stop_on_signals,
 )
 from .errors import EdgeRuntimeError
+from .serve.settings import ServeSettings
 
 THREADS_HELP = (
     "Thread count to use as given. Without it, the profile's count is capped at the CPUs "
@@ -358,6 +359,43 @@ def agent(config_file: Path | None, **flags) -> None:
     stop = threading.Event()
     stop_on_signals(stop)
     raise SystemExit(run_agent(settings, stop))
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, metavar="BUNDLE|NAME=BUNDLE...")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="YAML or JSON file of settings (same names as the flags, with _).",
+)
+@settings_options(ServeSettings, exclude=("bundles",))
+def serve(bundles: tuple[str, ...], config_file: Path | None, **flags) -> None:
+    """Serve bundles over HTTP until SIGTERM: the Open Inference Protocol v2 (KServe,
+    Triton) for tensor models, with /metrics for Prometheus (see docs/serve.md).
+
+    Each bundle is verified before it is loaded and served under its manifest name, or
+    as NAME=BUNDLE. /v2/health/ready answers 200 once every model is loaded and
+    self-tested. With --fleet and --device-id it reports to the fleet as `agent` does.
+    Every option can also come from --config FILE or EDGE_RUNTIME_<NAME> variables.
+    """
+    import threading
+
+    from .agent import ENV_PREFIX
+    from .serve.server import run_serve
+    from .settings import load_settings
+
+    if bundles:
+        flags["bundles"] = list(bundles)
+    elif config_file is None:
+        from .cli_support import OptionError
+
+        raise OptionError("give at least one BUNDLE (or NAME=BUNDLE) to serve; see --help")
+    settings = load_settings(ServeSettings, ENV_PREFIX, config_file, flags)
+    logging.getLogger("edge_runtime").setLevel(logging.INFO)  # a server narrates its state
+    stop = threading.Event()
+    stop_on_signals(stop)
+    raise SystemExit(run_serve(settings, stop))
 
 
 def main() -> None:

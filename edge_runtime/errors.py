@@ -31,3 +31,11 @@ class ModelFileError(EdgeRuntimeError):
 
 class TelemetryError(EdgeRuntimeError):
     """A telemetry message cannot be sent as asked (e.g. larger than a collector accepts)."""
+
+
+class ServiceError(EdgeRuntimeError):
+    """``edge-runtime serve`` cannot start as asked (bundle names, key or TLS files)."""
+
+
+class AccessError(ServiceError):
+    """Serving would expose the models without an API key, or the key is unusable."""

@@ -148,6 +148,18 @@ BackendSpec = Annotated[
 ]
 
 
+class ServingSpec(StrictModel):
+    """How ``edge-runtime serve`` batches this model (from the profile's ``serving``
+    section); flags on the device override it."""
+
+    max_batch_size: int = Field(
+        1, ge=1, description="most concurrent requests stacked into one run; 1 = no batching"
+    )
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="longest a request waits for others to batch with"
+    )
+
+
 class ModelSpec(StrictModel):
     path: str
     format: Literal["onnx", "tflite", "gguf"]
@@ -377,6 +389,9 @@ class Manifest(StrictModel):
     )
     feeding: FeedingSpec | None = Field(
         None, description="constant inputs, batch axes and carried state (tensor models)"
+    )
+    serving: ServingSpec | None = Field(
+        None, description="dynamic batching for `edge-runtime serve` (None: no batching)"
     )
 
     @model_validator(mode="after")

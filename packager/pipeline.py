@@ -168,6 +168,7 @@ def _run(plan: Plan, settings: BuildConfig, ctx: PassContext) -> Manifest:
         measurements=measurements,
         tools=tool_versions(pipeline),
         backend=pipeline.backend_spec(profile),
+        serving=profile.serving.spec(),
         steps=steps,
         digests=digests,
         **extra,

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from edge_runtime.manifest import ServingSpec
 from edge_runtime.settings import describe_validation_error
 
 from .errors import ProfileError
@@ -34,6 +35,30 @@ class PythonTargetConfig(StrictConfig):
     python_version: str = Field(description="CPython version on the device, e.g. 3.11")
 
 
+class ServingConfig(StrictConfig):
+    """How ``edge-runtime serve`` batches tensor models on this device; copied into each
+    bundle's manifest (``serving``) and overridable there by the serve flags."""
+
+    max_batch_size: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="most concurrent requests stacked into one run, for models whose first "
+        "axis is free; 1 turns dynamic batching off",
+    )
+    max_queue_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="longest the first request of a batch waits for others to join it",
+    )
+
+    def spec(self) -> ServingSpec:
+        return ServingSpec(
+            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms
+        )
+
+
 class _DeviceFacts(StrictConfig):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="profile name (kebab-case)")
     description: str = Field(description="the device in words")
@@ -55,15 +80,18 @@ def _format_sections() -> dict[str, Any]:
     return sections
 
 
-# The device facts, a section per model format (onnx, gguf, tflite, ...), then python.
+# The device facts, a section per model format (onnx, gguf, tflite, ...), serving, python.
 DeviceProfile = create_model(
     "DeviceProfile",
     __base__=_DeviceFacts,
     __module__=__name__,
     **_format_sections(),
+    serving=(ServingConfig, Field(default_factory=ServingConfig)),
     python=(PythonTargetConfig, ...),
 )
-DeviceProfile.__doc__ = "One device: its facts, a section per model format, its Python."
+DeviceProfile.__doc__ = (
+    "One device: its facts, a section per model format, how it serves, its Python."
+)
 OnnxTargetConfig = get_format("onnx").profile_section
 GgufTargetConfig = get_format("gguf").profile_section
 TfliteTargetConfig = get_format("tflite").profile_section

@@ -50,6 +50,13 @@ class PayloadTooLarge(ServeError):
     kind = "invalid_request_error"
 
 
+class RequestTimeout(ServeError):
+    """The client did not send its request in time (``--read-timeout-s``)."""
+
+    status = 408
+    kind = "timeout_error"
+
+
 class Overloaded(ServeError):
     """The model's queue is full: answered at once with 503 and Retry-After."""
 
@@ -67,6 +74,7 @@ GRPC_CODES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
     404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
     413: "RESOURCE_EXHAUSTED",
     503: "UNAVAILABLE",
     500: "INTERNAL",

@@ -24,6 +24,7 @@ from edge_runtime.manifest import (
     ModelSpec,
     QuantizationRecord,
     SelfTestSpec,
+    ServingSpec,
     StepRecord,
     Target,
     TensorSpec,
@@ -68,6 +69,7 @@ class PackageRequest:
     # sha256 of files already hashed for the step records, by path (hashed once only)
     digests: dict[Path, str] = field(default_factory=dict)
     feeding: FeedingSpec | None = None  # constant inputs, batch axes, carried state
+    serving: ServingSpec | None = None  # the profile's dynamic batching for serve
 
 
 class PackageConfig(PassConfig):
@@ -153,6 +155,7 @@ class Package(Pass):
             wheelhouse=request.wheelhouse,
             steps=request.steps,
             feeding=request.feeding,
+            serving=request.serving,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)

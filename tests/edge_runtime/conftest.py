@@ -52,6 +52,7 @@ def v1_manifest(data: dict[str, Any]) -> dict[str, Any]:
         "xnnpack": backend.get("xnnpack", True),
     }
     v1.pop("steps", None)
+    v1.pop("serving", None)  # schema 2 only
     if v1.get("measurements") is not None:
         v1["measurements"].pop("kind")
     v1["selftest"].pop("kind")

@@ -395,7 +395,19 @@ def serve(bundles: tuple[str, ...], config_file: Path | None, **flags) -> None:
     logging.getLogger("edge_runtime").setLevel(logging.INFO)  # a server narrates its state
     stop = threading.Event()
     stop_on_signals(stop)
-    raise SystemExit(run_serve(settings, stop))
+    raise SystemExit(run_serve(settings, stop, serve_extensions(settings)))
+
+
+def serve_extensions(settings) -> list:
+    """What runs beside the HTTP server: systemd's notifications always (they do nothing
+    outside systemd), and the gRPC service with --grpc-port."""
+    from .serve.extensions import GrpcFrontEnd, SystemdNotifier
+    from .serve.server import read_api_key
+
+    extensions = [SystemdNotifier()]
+    if settings.grpc_port is not None:
+        extensions.append(GrpcFrontEnd(settings, read_api_key(settings)))
+    return extensions
 
 
 def main() -> None:

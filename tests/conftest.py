@@ -174,3 +174,12 @@ def smollm2_x86_bundle(smollm2_example, keypair, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("bundles") / "smollm2-x86.edgepkg"
     build_example(smollm2_example, keypair[0], output, "x86-64-avx2")
     return output
+
+
+@pytest.fixture(scope="session")
+def minilm_text_bundle(minilm_example, keypair, tmp_path_factory) -> Path:
+    """MiniLM for x86-64-avx2 with its tokenizer (float32: a quick build; the text path is
+    the same for every recipe)."""
+    output = tmp_path_factory.mktemp("bundles") / "minilm-text.edgepkg"
+    build_example(minilm_example, keypair[0], output, "x86-64-avx2", recipe="fp32")
+    return output

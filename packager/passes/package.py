@@ -28,6 +28,7 @@ from edge_runtime.manifest import (
     StepRecord,
     Target,
     TensorSpec,
+    TextSpec,
     TokenSelfTestSpec,
     WheelhouseSpec,
 )
@@ -70,6 +71,8 @@ class PackageRequest:
     digests: dict[Path, str] = field(default_factory=dict)
     feeding: FeedingSpec | None = None  # constant inputs, batch axes, carried state
     serving: ServingSpec | None = None  # the profile's dynamic batching for serve
+    text: TextSpec | None = None  # text in: the tokenizer (among extra_files) and the task
+    extra_files: dict[str, Path] = field(default_factory=dict)  # member -> source file
 
 
 class PackageConfig(PassConfig):
@@ -104,6 +107,8 @@ class Package(Pass):
         if selftest is None:
             selftest, sources[SELFTEST_MEMBER] = self._write_vectors(model, out_dir, ctx)
             roles[SELFTEST_MEMBER] = FileRole.SELFTEST
+        for member, path in request.extra_files.items():
+            sources[member], roles[member] = path, FileRole.EXTRA
         files = [
             FileEntry(
                 path=name,
@@ -156,6 +161,7 @@ class Package(Pass):
             steps=request.steps,
             feeding=request.feeding,
             serving=request.serving,
+            text=request.text,
         )
         manifest_bytes = manifest.to_bytes()
         signature = signing_key.sign(manifest_bytes)

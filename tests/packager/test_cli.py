@@ -237,6 +237,13 @@ FLAG_VALUES = {
     "batch_axis": (["--batch-axis", "state=1", "--batch-axis", "h=2"], {"state": 1, "h": 2}),
     "constant": (["--constant", "sr=16000"], {"sr": "16000"}),
     "state": (["--state", "state=stateN"], {"state": "stateN"}),
+    "tokenizer": (["--tokenizer", "tokenizer.json"], Path("tokenizer.json")),
+    "tokenizer_input": (["--tokenizer-input", "input_ids=ids"], {"input_ids": "ids"}),
+    "text_max_length": (["--text-max-length", "256"], 256),
+    "text_padding": (["--text-padding", "max_length"], "max_length"),
+    "text_truncation": (["--no-text-truncation"], False),
+    "text_output": (["--text-output", "last_hidden_state"], "last_hidden_state"),
+    "pooling": (["--pooling", "cls"], "cls"),
 }
 # each numeric option: a value outside its range, how the error echoes it, the range
 OUT_OF_RANGE = {
@@ -245,6 +252,8 @@ OUT_OF_RANGE = {
     "llm_window": (["--llm-window", "63"], "63", "x >= 64"),
     "selftest_tokens": (["--selftest-tokens", "257"], "257", "1 <= x <= 256"),
     "selftest_tokens-low": (["--selftest-tokens", "0"], "0", "1 <= x <= 256"),
+    "text_max_length": (["--text-max-length", "0"], "0", "x >= 1"),
+    "selftest_vectors": (["--selftest-vectors", "0"], "0", "x >= 1"),
 }
 
 
@@ -320,7 +329,7 @@ def test_every_numeric_build_option_has_an_out_of_range_case():
     numeric = {
         name
         for name, field in BuildConfig.model_fields.items()
-        if field.annotation in (int, float, "int", "float")
+        if field.annotation in (int, float, "int", "float", int | None, float | None)
     }
 
     assert numeric == {case.split("-")[0] for case in OUT_OF_RANGE}

@@ -41,7 +41,7 @@ def test_completions_and_chat_come_back_openai_shaped(host):
 
 
 def test_max_tokens_beyond_the_context_is_refused(host):
-    with pytest.raises(BadRequest, match=f"the context length {host.context_length}"):
+    with pytest.raises(BadRequest, match=f"has a context of {host.context_length} tokens"):
         host.complete({**PROMPT, "max_tokens": 10**9})
 
 
@@ -52,11 +52,11 @@ def test_a_stream_holds_the_turn_and_the_queue_bound_refuses_at_once(host):
     second = threading.Thread(target=lambda: waiting.append(host.complete(PROMPT)))
     second.start()
     deadline = time.monotonic() + 10
-    while host.depth < 1 and time.monotonic() < deadline:
+    while host.depth < 2 and time.monotonic() < deadline:  # the stream and the second
         time.sleep(0.01)
 
     started = time.perf_counter()
-    with pytest.raises(Overloaded, match="has 1 requests waiting, its limit"):
+    with pytest.raises(Overloaded, match="1 request.s. running and 1 waiting, the most it queues"):
         host.complete(PROMPT)
     refusal_s = time.perf_counter() - started
     assert waiting == []  # still waiting for the stream's turn

@@ -86,3 +86,56 @@ def test_grpc_and_systemd_in_the_served_process(
 
     assert served.stop() == 0
     assert any(m.startswith("STOPPING=1") for m in _messages(sock))
+
+
+@pytest.mark.slow
+def test_the_openai_client_against_a_served_process(
+    serve, minilm_text_bundle, smollm2_x86_bundle, keypair
+):
+    """One serve process with an embedding bundle (MiniLM with its tokenizer) and a
+    language model (SmolLM2): the official openai client's embeddings (its default
+    base64 and float), chat and streamed chat; OIP v2 still serves the tensor model."""
+    import openai
+
+    served = serve(
+        f"minilm={minilm_text_bundle}", f"smollm2={smollm2_x86_bundle}", "--pubkey", keypair[1]
+    )
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    sentences = ["A cat sits on the mat.", "Edge devices run models offline."]
+
+    assert {model.id for model in client.models.list()} == {"minilm", "smollm2"}
+    default = client.embeddings.create(model="minilm", input=sentences)  # base64 on the wire
+    floats = client.embeddings.create(model="minilm", input=sentences, encoding_format="float")
+    with Runtime.open(minilm_text_bundle, keypair[1]) as runtime:
+        expected = runtime.embed(sentences)
+    for answer in (default, floats):
+        got = np.array([item.embedding for item in answer.data], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert default.usage.prompt_tokens > 0
+
+    chat = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=10**9
+        )
+    assert call("GET", f"{served.url}/v2/models/minilm/ready").status == 200
+    assert served.stop() == 0

@@ -4,10 +4,12 @@
 # language model (SmolLM2, GGUF) is quantized for a Raspberry Pi 5 under a perplexity gate and
 # generates text; a TFLite model (the digits CNN, converted by litert-torch) is quantized to
 # int8 by ai-edge-quantizer for a Raspberry Pi 4; a third-party stateful model (Silero VAD, from
-# PyPI) is described by build options and gated per output; then a small simulated fleet reports to a collector over MQTT (embedded broker, nothing else).
+# PyPI) is described by build options and gated per output; edge-runtime serve answers the
+# Open Inference Protocol and the OpenAI API; then a small simulated fleet reports to a
+# collector over MQTT (embedded broker, nothing else).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv packager,examples,llm,tflite,telemetry,collector-broker
+ensure_venv packager,examples,llm,tflite,telemetry,collector-broker,serve,text
 cd "$REPO"
 OUT="${EDGEPACK_DEMO_OUT:-$REPO/demo-out}"
 mkdir -p "$OUT"
@@ -143,6 +145,42 @@ import numpy as np
 p = np.load('$OUT/vad-probs.npz')['output'][0, :, 0]
 print('speech probability per 32 ms chunk, first eval clip:')
 print(' '.join('#' if v > 0.5 else '.' for v in p))"
+
+echo
+echo "==> 6e. edge-runtime serve: the MiniLM bundle (its tokenizer inside) and SmolLM2 as one"
+echo "        service on 127.0.0.1: Open Inference Protocol v2 (REST; gRPC with --grpc-port)"
+echo "        and the OpenAI API, which existing clients (tritonclient, openai) already speak"
+"$RUNTIME" serve "minilm=$OUT/minilm-x86-64-avx2.edgepkg" \
+    "smollm2=$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
+    --port 0 > "$OUT/serve.log" 2>&1 &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null' EXIT
+for _ in $(seq 600); do
+    SERVE_URL="$(grep -o 'listening on http://[^ ]*' "$OUT/serve.log" | head -1 | cut -d' ' -f3)"
+    [ -n "$SERVE_URL" ] && curl -sf "$SERVE_URL/v2/health/ready" >/dev/null && break
+    sleep 0.2
+done
+echo "ready at $SERVE_URL: $(curl -s "$SERVE_URL/v2/health/ready")"
+curl -s "$SERVE_URL/v2/models/minilm" | "$VENV/bin/python" -c "
+import json, sys
+meta = json.load(sys.stdin)
+print('OIP metadata:', ', '.join(f\"{t['name']} {t['datatype']} {t['shape']}\" for t in meta['inputs']))"
+curl -s "$SERVE_URL/v1/embeddings" -H 'Content-Type: application/json' \
+    -d '{"model": "minilm", "input": ["A cat sits on the mat.", "A kitten rests on a rug."], "encoding_format": "float"}' \
+    | "$VENV/bin/python" -c "
+import json, sys
+import numpy as np
+data = json.load(sys.stdin)['data']
+a, b = (np.array(d['embedding']) for d in data)
+print(f'/v1/embeddings: {len(a)} dimensions, cosine of the two sentences {a @ b:.3f}')"
+curl -s "$SERVE_URL/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}' \
+    | "$VENV/bin/python" -c "
+import json, sys
+answer = json.load(sys.stdin)['choices'][0]
+print('/v1/chat/completions:', repr(answer['message']['content']), answer['finish_reason'])"
+kill -TERM "$SERVE"; wait "$SERVE" || true
+trap - EXIT
 
 echo
 echo "==> 7. a simulated fleet: collector with an embedded MQTT broker, three agents"

@@ -34,27 +34,15 @@ from .protocol import (
     TensorModel,
     Unauthorized,
 )
+from .tensors import NUMPY_OF_DATATYPE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 SERVER_NAME = "edge-runtime"
 
-# The protocol's datatypes that numpy holds as they are. The wire is little-endian.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
+# The protocol's datatypes that numpy holds as they are (one table for REST and gRPC).
+DATATYPES = NUMPY_OF_DATATYPE
 KNOWN_DATATYPES = ", ".join([*DATATYPES, "BYTES"])
 # Which field of InferTensorContents holds each datatype (FP16 travels only raw).
 CONTENTS_FIELD = {

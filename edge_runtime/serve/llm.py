@@ -16,7 +16,7 @@ from .protocol import NotReady
 log = logging.getLogger(__name__)
 
 
-class LanguageModelHost:
+class GgufModelHost:
     """``protocol.LanguageModel`` over a GGUF bundle's llama-cpp-python engine."""
 
     def __init__(

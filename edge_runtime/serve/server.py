@@ -115,14 +115,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_hosts(refs: list[BundleRef], settings: ServeSettings, telemetry, observer):
-    """A ``TensorModelHost`` or ``LanguageModelHost`` per bundle (not loaded yet)."""
-    from .llm import LanguageModelHost
+    """A ``TensorModelHost`` or ``GgufModelHost`` per bundle (not loaded yet)."""
+    from .llm import GgufModelHost
     from .models import TensorModelHost
 
     tensor, language = {}, {}
     for ref in refs:
         if ref.manifest.llm is not None:
-            language[ref.name] = LanguageModelHost(
+            language[ref.name] = GgufModelHost(
                 ref,
                 settings.pubkey,
                 threads=settings.threads,

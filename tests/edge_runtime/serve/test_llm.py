@@ -1,4 +1,4 @@
-"""``LanguageModelHost`` on the SmolLM2 bundle: one request at a time, the others queued
+"""``GgufModelHost`` on the SmolLM2 bundle: one request at a time, the others queued
 within the bound, a stream holding the turn until it is finished or closed, and
 ``max_tokens`` capped by the context length."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edge_runtime.serve.llm import LanguageModelHost
+from edge_runtime.serve.llm import GgufModelHost
 from edge_runtime.serve.models import resolve_bundles
 from edge_runtime.serve.protocol import BadRequest, LanguageModel, NotReady, Overloaded
 
@@ -21,7 +21,7 @@ PROMPT = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 
 @pytest.fixture(scope="module")
 def host(smollm2_x86_bundle, keypair):
     (ref,) = resolve_bundles([str(smollm2_x86_bundle)], keypair[1])
-    served = LanguageModelHost(ref, keypair[1], queue_size=1)
+    served = GgufModelHost(ref, keypair[1], queue_size=1)
     assert served.load()
     yield served
     served.close()
@@ -76,7 +76,7 @@ def test_a_stream_closed_unread_gives_the_turn_back(host):
 
 def test_a_closed_host_refuses(smollm2_x86_bundle, keypair):
     (ref,) = resolve_bundles([str(smollm2_x86_bundle)], keypair[1])
-    closed = LanguageModelHost(ref, keypair[1])
+    closed = GgufModelHost(ref, keypair[1])
 
     with pytest.raises(NotReady, match="is not ready: loading"):
         closed.complete(PROMPT)

@@ -175,8 +175,10 @@ def test_batching_comes_from_the_bundle_and_flags_override_it(
     }
     cnn = refs["cnn"].manifest
 
-    assert cnn.serving == ServingSpec(max_batch_size=8, max_queue_delay_ms=2)  # x86-64-avx2
-    assert batching_for(cnn, None, None).max_batch_size == 8
+    # x86-64-avx2 ships batching off (docs/benchmarks.md, bench_serve (b))
+    assert cnn.serving == ServingSpec(max_batch_size=1, max_queue_delay_ms=2)
+    assert batching_for(cnn, None, None).reason == "max_batch_size is 1"
+    assert batching_for(cnn, 8, None).max_batch_size == 8
     assert batching_for(cnn, 4, 10).max_batch_size == 4
     assert batching_for(cnn, 4, 10).max_queue_delay_s == pytest.approx(0.01)
     assert batching_for(cnn, 1, None).reason == "max_batch_size is 1"

@@ -150,13 +150,14 @@ echo
 echo "==> 6e. edge-runtime serve: the MiniLM bundle (its tokenizer inside) and SmolLM2 as one"
 echo "        service on 127.0.0.1: Open Inference Protocol v2 (REST; gRPC with --grpc-port)"
 echo "        and the OpenAI API, which existing clients (tritonclient, openai) already speak"
-"$RUNTIME" serve "minilm=$OUT/minilm-x86-64-avx2.edgepkg" \
+"$RUNTIME" serve "minilm=$OUT/minilm-x86-64-avx512-vnni.edgepkg" \
     "smollm2=$OUT/smollm2-raspberry-pi-5.edgepkg" --pubkey "$OUT/keys/edgepack.pub" \
     --port 0 > "$OUT/serve.log" 2>&1 &
 SERVE=$!
 trap 'kill $SERVE 2>/dev/null' EXIT
 for _ in $(seq 600); do
-    SERVE_URL="$(grep -o 'listening on http://[^ ]*' "$OUT/serve.log" | head -1 | cut -d' ' -f3)"
+    kill -0 "$SERVE" 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
+    SERVE_URL="$(grep -o 'listening on http://[^ ]*' "$OUT/serve.log" | head -1 | cut -d' ' -f3 || true)"
     [ -n "$SERVE_URL" ] && curl -sf "$SERVE_URL/v2/health/ready" >/dev/null && break
     sleep 0.2
 done

@@ -139,3 +139,28 @@ def test_the_openai_client_against_a_served_process(
         )
     assert call("GET", f"{served.url}/v2/models/minilm/ready").status == 200
     assert served.stop() == 0
+
+
+def test_minilm_over_grpc_equals_runtime_run(serve, minilm_bundle, keypair, minilm_example):
+    """The transformer over tritonclient.grpc: three INT64 inputs sent raw, the per-token
+    output equal to Runtime.run on the same tokens."""
+    import tritonclient.grpc as grpcclient
+
+    port = _free_port()
+    serve(f"minilm={minilm_bundle}", "--pubkey", keypair[1], "--grpc-port", port)
+    with np.load(minilm_example.eval) as data:
+        feeds = {name: data[name][:2].astype(np.int64) for name in data.files}
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    metadata = client.get_model_metadata("minilm", as_json=True)
+    assert {tensor["name"] for tensor in metadata["inputs"]} == set(feeds)
+    inputs = []
+    for name, value in feeds.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    result = client.infer("minilm", inputs)
+    client.close()
+    with Runtime.open(minilm_bundle, keypair[1]) as runtime:
+        expected = runtime.run(feeds)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.as_numpy(name), value, rtol=1e-5, atol=1e-5)

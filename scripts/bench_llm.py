@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or not
 
-from benchdoc import DOC, host_line, write_section  # noqa: E402  (after the path is set)
+from benchdoc import DOC, host_line, progress_notes, write_section  # noqa: E402  (after the path is set)
 
 QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
 QUANT_PROFILE = "x86-64-avx2"
@@ -424,15 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console.width = 160
     started, load = time.perf_counter(), os.getloadavg()[0]
-    with console.status("starting") as status:
-
-        def note(message: str) -> None:
-            line = f"[{time.perf_counter() - started:4.0f} s] {message}"
-            if console.is_terminal:
-                status.update(line)
-            else:
-                console.print(line, markup=False)
-
+    with progress_notes(console, started) as note:
         tables, goals = run_all(args, plan, note)
     minutes = (time.perf_counter() - started) / 60
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))  # runs as a plain script, installed package or no
 
 import bench_llm  # noqa: E402  (after the path is set)
 import bench_onnx  # noqa: E402
-from benchdoc import DOC, host_line, markdown_tables, write_section  # noqa: E402
+from benchdoc import DOC, host_line, markdown_tables, progress_notes, write_section  # noqa: E402
 
 ONNX_PROFILE = "x86-64-avx512-vnni"
 LLM_PROFILE = "raspberry-pi-5"
@@ -331,15 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console.width = 160
     started, load = time.perf_counter(), os.getloadavg()[0]
-    with console.status("starting") as status:
-
-        def note(message: str) -> None:
-            line = f"[{time.perf_counter() - started:4.0f} s] {message}"
-            if console.is_terminal:
-                status.update(line)
-            else:
-                console.print(line, markup=False)
-
+    with progress_notes(console, started) as note:
         rows = run_all(args, plan, note)
     minutes = (time.perf_counter() - started) / 60
     lines = facts(args, plan, minutes, (load, os.getloadavg()[0]))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,3 +53,19 @@ def markdown_tables(tables: list[tuple]) -> list[str]:
         lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |"]
         lines += ["|" + "---|" * len(header), *["| " + " | ".join(row) + " |" for row in rows]]
     return lines
+
+
+@contextlib.contextmanager
+def progress_notes(console, started: float):
+    """A ``note(message)`` that shows "[  12 s] message" (seconds since ``started``): on a
+    terminal as the console's status line, otherwise printed one per line."""
+    with console.status("starting") as status:
+
+        def note(message: str) -> None:
+            line = f"[{time.perf_counter() - started:4.0f} s] {message}"
+            if console.is_terminal:
+                status.update(line)
+            else:
+                console.print(line, markup=False)
+
+        yield note
